@@ -1,0 +1,93 @@
+"""Who may do what: a role x action table, deny by default.
+
+Actions are named `source:subject:action`, the same strings the audit trail records, so a refusal
+and a success of the same action read alike in the log.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Role(enum.StrEnum):
+    CLINICIAN = "clinician"
+    REVIEWER = "reviewer"
+    ML_ENGINEER = "ml_engineer"
+    AUDITOR = "auditor"
+    ADMIN = "admin"
+
+
+ROLE_DESCRIPTIONS: dict[Role, str] = {
+    Role.CLINICIAN: "Opens studies, asks questions, rates answers.",
+    Role.REVIEWER: "Adjudicates answers, double-reads, signs off, confirms held instances.",
+    Role.ML_ENGINEER: "Runs fine-tuning rounds, compares adapters, requests promotion and rollback.",
+    Role.AUDITOR: "Reads and verifies the audit trail, exports it.",
+    Role.ADMIN: "Manages users and roles, approves promotions.",
+}
+
+
+class Action(enum.StrEnum):
+    USER_CREATE = "user:account:create"
+    USER_DISABLE = "user:account:disable"
+    SESSION_LOGIN = "auth:session:login"
+    STUDY_IMPORT = "study:study:import"
+    STUDY_VIEW = "study:study:view"
+    INSTANCE_CONFIRM = "study:instance:confirm_burned_in"
+    QUESTION_ASK = "answer:question:ask"
+    FEEDBACK_CREATE = "answer:feedback:create"
+    FEEDBACK_SUPERSEDE = "answer:feedback:supersede"
+    REVIEW_CREATE = "answer:review:create"
+    REVIEW_SIGN = "answer:review:sign"
+    DATASET_SNAPSHOT = "training:dataset:snapshot"
+    ROUND_RUN = "training:round:run"
+    ADAPTER_PROMOTE_REQUEST = "model:adapter:request_promotion"
+    ADAPTER_PROMOTE_APPROVE = "model:adapter:approve_promotion"
+    ADAPTER_ROLLBACK = "model:adapter:rollback"
+    AUDIT_READ = "audit:event:read"
+    AUDIT_EXPORT = "audit:event:export"
+    AUDIT_VERIFY = "audit:chain:verify"
+    DATABASE_UPGRADE = "system:database:upgrade"
+
+
+_C, _R, _M, _A, _ADM = Role.CLINICIAN, Role.REVIEWER, Role.ML_ENGINEER, Role.AUDITOR, Role.ADMIN
+
+POLICY: dict[Action, frozenset[Role]] = {
+    Action.USER_CREATE: frozenset({_ADM}),
+    Action.USER_DISABLE: frozenset({_ADM}),
+    Action.SESSION_LOGIN: frozenset({_C, _R, _M, _A, _ADM}),
+    Action.STUDY_IMPORT: frozenset({_C, _ADM}),
+    Action.STUDY_VIEW: frozenset({_C, _R}),
+    Action.INSTANCE_CONFIRM: frozenset({_R}),
+    Action.QUESTION_ASK: frozenset({_C, _R}),
+    Action.FEEDBACK_CREATE: frozenset({_C, _R}),
+    Action.FEEDBACK_SUPERSEDE: frozenset({_C, _R}),
+    Action.REVIEW_CREATE: frozenset({_R}),
+    Action.REVIEW_SIGN: frozenset({_R}),
+    Action.DATASET_SNAPSHOT: frozenset({_M}),
+    Action.ROUND_RUN: frozenset({_M}),
+    Action.ADAPTER_PROMOTE_REQUEST: frozenset({_M}),
+    Action.ADAPTER_PROMOTE_APPROVE: frozenset({_ADM}),
+    Action.ADAPTER_ROLLBACK: frozenset({_M, _ADM}),
+    Action.AUDIT_READ: frozenset({_A, _ADM}),
+    Action.AUDIT_EXPORT: frozenset({_A, _ADM}),
+    Action.AUDIT_VERIFY: frozenset({_A, _ADM}),
+    Action.DATABASE_UPGRADE: frozenset({_ADM}),
+}
+
+
+def is_allowed(role: str, action: str) -> bool:
+    """True only when the table grants `action` to `role`; unknown roles and actions are denied."""
+    try:
+        return Role(role) in POLICY.get(Action(action), frozenset())
+    except ValueError:
+        return False
+
+
+def policy_markdown() -> str:
+    """The policy as a markdown table, for the access-control document and the admin page."""
+    roles = list(Role)
+    lines = ["| action | " + " | ".join(roles) + " |", "|---|" + "---|" * len(roles)]
+    for action in Action:
+        marks = ["yes" if is_allowed(role, action) else "" for role in roles]
+        lines.append(f"| `{action}` | " + " | ".join(marks) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""The `medvqa` command: the same services as the workbench, for operators and scripts.
+
+Heavy libraries are imported inside commands so that `medvqa --help` stays fast. Expected failures
+print one line (`medvqa: error: ...`) and exit non-zero; `--json` prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from medvqa.errors import MedVQAError
+
+if TYPE_CHECKING:
+    from medvqa.db.engine import Database
+    from medvqa.services.audit import Actor
+
+DEMO_PASSWORD = "medvqa-demo-password"
+DEMO_USERS = {  # username -> role; the demo is for trying the workbench, never for patient data
+    "dr.demo": "clinician",
+    "reviewer.demo": "reviewer",
+    "ml.demo": "ml_engineer",
+    "auditor.demo": "auditor",
+    "admin.demo": "admin",
+}
+
+
+class MedVQAGroup(click.Group):
+    """Turns expected failures into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            return super().invoke(ctx)
+        except MedVQAError as exc:
+            _fail(str(exc))
+        except OperationalError as exc:
+            _fail(f"cannot use the database: {str(exc.orig).strip().splitlines()[0]}")
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"medvqa: error: {message}", err=True)
+    sys.exit(1)
+
+
+def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
+    click.echo(json.dumps(payload, indent=2, default=str) if as_json else text)
+
+
+def _open_database(*, migrated: bool = True) -> Database:
+    from medvqa.config import load_settings
+    from medvqa.db.engine import Database
+    from medvqa.db.migrate import ensure_current
+
+    settings = load_settings()
+    if settings.sqlalchemy_url.get_backend_name() == "sqlite":
+        settings.home.mkdir(parents=True, exist_ok=True)
+    db = Database.from_settings(settings)
+    if migrated:
+        ensure_current(db)
+    return db
+
+
+def _operator() -> Actor:
+    """The person at the command line. Shell access plus database credentials is administrative power,
+    so the CLI acts as admin; the audit trail records the operating-system account."""
+    from medvqa.services.audit import Actor
+
+    return Actor(name=f"cli:{getpass.getuser()}", role="admin")
+
+
+def _json_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(func)
+
+
+@click.group(cls=MedVQAGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="medvqa")
+def main() -> None:
+    """Medical visual question answering: DICOM studies, a LoRA-tuned vision-language model,
+    reviewed feedback, and an audited database.
+
+    Configuration comes from MEDVQA_* environment variables (MEDVQA_HOME, MEDVQA_DATABASE_URL, ...)
+    and an optional TOML file named by MEDVQA_CONFIG.
+    """
+
+
+@main.group()
+def db() -> None:
+    """Create and migrate the database."""
+
+
+@db.command("upgrade")
+@_json_option
+def db_upgrade(as_json: bool) -> None:
+    """Create the database or migrate it to the schema this code expects (MEDVQA_DATABASE_URL)."""
+    from medvqa.db.migrate import current_revision, upgrade
+
+    database = _open_database(migrated=False)
+    before = current_revision(database)
+    upgrade(database)
+    after = current_revision(database)
+    url = database.engine.url.render_as_string(hide_password=True)
+    _emit(as_json, {"database": url, "from": before, "to": after}, f"database {url}: {before or 'empty'} -> {after}")
+
+
+@main.group()
+def users() -> None:
+    """Manage user accounts (roles: clinician, reviewer, ml_engineer, auditor, admin)."""
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise MedVQAError("no password on standard input (give it on the first line)")
+    return password
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--role", required=True, help="clinician, reviewer, ml_engineer, auditor or admin.")
+@click.option("--display-name", default="", help="Name shown in the workbench and the audit trail.")
+@_json_option
+def users_add(name: str, role: str, display_name: str, as_json: bool) -> None:
+    """Add the account NAME. The password is read from a prompt, or from the first line of standard
+    input when it is not a terminal; never from the command line."""
+    from medvqa.services.users import add_user
+
+    database = _open_database()
+    user = add_user(database, _operator(), name, _read_password(), role, display_name)
+    _emit(as_json, {"id": user.id, "username": user.username, "role": role}, f"added {user.username} ({role})")
+
+
+@users.command("list")
+@_json_option
+def users_list(as_json: bool) -> None:
+    """List accounts and their roles."""
+    from sqlalchemy import select
+
+    from medvqa.db import User
+
+    database = _open_database()
+    with database.read_session() as session:
+        rows = [
+            {"id": u.id, "username": u.username, "role": u.role.name, "active": u.is_active}
+            for u in session.scalars(select(User).order_by(User.id))
+        ]
+    text = "\n".join(f"{r['id']:>4}  {r['username']:<24} {r['role']}" for r in rows) or "no users"
+    _emit(as_json, {"users": rows}, text)
+
+
+@main.group()
+def audit() -> None:
+    """Inspect the audit trail."""
+
+
+@audit.command("verify")
+@_json_option
+def audit_verify(as_json: bool) -> None:
+    """Check the hash chain and the anchor kept outside the database. Exits 1 and names the first bad
+    sequence number when an event was edited, deleted, inserted or reordered, the tail was cut, or the
+    chain was recomputed."""
+    from compliance.policy import Action
+    from medvqa.services import audit as audit_service
+    from medvqa.services.transaction import write
+
+    database = _open_database()
+    report = audit_service.verify(database)
+    outcome = "success" if report.ok else "failed"
+    summary = {"ok": report.ok, "events": report.events, "first_bad_seq": report.first_bad_seq}
+    write(
+        database,
+        lambda s: audit_service.record(s, _operator(), Action.AUDIT_VERIFY, "audit", None, outcome=outcome, details=summary),
+    )
+    if report.ok:
+        text = f"audit trail OK: {report.events} events, anchored through {report.anchored_seq}"
+        text += "".join(f"\nwarning: {w}" for w in report.warnings)
+    else:
+        text = f"audit trail BROKEN at event {report.first_bad_seq}: {report.reason}"
+    _emit(as_json, report.as_dict(), text)
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+def demo() -> None:
+    """Set up the embedded default: SQLite under MEDVQA_HOME, one demo account per role."""
+    from sqlalchemy import select
+
+    from medvqa.db import User
+    from medvqa.db.migrate import upgrade
+    from medvqa.services.users import add_user
+
+    database = _open_database(migrated=False)
+    upgrade(database)
+    with database.read_session() as session:
+        existing = set(session.scalars(select(User.username)))
+    for username, role in DEMO_USERS.items():
+        if username not in existing:
+            add_user(database, _operator(), username, DEMO_PASSWORD, role, f"Demo {role}")
+    click.echo(f"database: {database.engine.url.render_as_string(hide_password=True)}")
+    click.echo(f"demo accounts (password {DEMO_PASSWORD!r}): " + ", ".join(f"{u} ({r})" for u, r in DEMO_USERS.items()))
+    click.echo("The workbench app is not built yet: the database, accounts and audit trail above are ready for it.")

@@ -1,0 +1,113 @@
+"""Configuration: MEDVQA_* environment variables, over an optional TOML file (MEDVQA_CONFIG), over defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from medvqa.errors import ConfigError
+
+ENV_PREFIX = "MEDVQA_"
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+
+
+class Settings(BaseSettings):
+    """Every setting medvqa reads. The variable for field `x` is MEDVQA_X."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    home: Path = Field(
+        default_factory=lambda: platformdirs.user_data_path("medvqa"),
+        description="Data folder: the SQLite database, stored studies, adapters, the audit anchor.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL (sqlite:///... or postgresql://...); default: SQLite file in MEDVQA_HOME.",
+    )
+    audit_anchor: Path | None = Field(
+        default=None,
+        description="Append-only file holding the audit chain heads outside the database; "
+        "default: MEDVQA_HOME/audit-anchor.log. Put it on storage the database admins cannot rewrite.",
+    )
+    sqlite_busy_timeout_ms: int = Field(
+        default=30_000, ge=0, description="How long a SQLite writer waits for the write lock."
+    )
+    write_retries: int = Field(
+        default=8,
+        ge=0,
+        description="Retries of a write after a serialization failure, deadlock or lock timeout.",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(f"{ENV_PREFIX}CONFIG")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise ConfigError(f"{ENV_PREFIX}CONFIG: no such file: {config_file}")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        normalize_database_url(value)
+        return value
+
+    @property
+    def sqlalchemy_url(self) -> URL:
+        """The database URL to connect to, with the psycopg 3 driver for PostgreSQL."""
+        if self.database_url:
+            return normalize_database_url(self.database_url)
+        return make_url(f"sqlite:///{self.home / 'medvqa.db'}")
+
+    @property
+    def audit_anchor_path(self) -> Path:
+        return self.audit_anchor or self.home / "audit-anchor.log"
+
+
+def normalize_database_url(value: str) -> URL:
+    """Parse a database URL; refuse backends medvqa does not support; default PostgreSQL to psycopg 3."""
+    try:
+        url = make_url(value)
+    except ArgumentError as exc:
+        raise ValueError(f"not a database URL: {exc}") from None
+    if url.get_backend_name() not in SUPPORTED_BACKENDS:
+        raise ValueError(f"backend {url.get_backend_name()!r} is not supported; use sqlite or postgresql")
+    if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("", "psycopg2"):
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings; a wrong value becomes one ConfigError line naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"unknown setting {field!r} in {ENV_PREFIX}CONFIG file") from None
+        raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {message}") from None

@@ -1,0 +1,28 @@
+"""The data layer: typed SQLAlchemy models, engines, and migrations."""
+
+from medvqa.db.audit import AuditEvent
+from medvqa.db.base import Base
+from medvqa.db.identity import Role, User, UserSession
+from medvqa.db.imaging import Instance, Series, Study
+from medvqa.db.training import Adapter, AdapterStatus, Dataset, TrainingRound
+from medvqa.db.vqa import Answer, Feedback, Question, Review, Verdict
+
+__all__ = [
+    "Adapter",
+    "AdapterStatus",
+    "Answer",
+    "AuditEvent",
+    "Base",
+    "Dataset",
+    "Feedback",
+    "Instance",
+    "Question",
+    "Review",
+    "Role",
+    "Series",
+    "Study",
+    "TrainingRound",
+    "User",
+    "UserSession",
+    "Verdict",
+]

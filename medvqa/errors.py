@@ -1,0 +1,29 @@
+"""The exceptions medvqa raises on purpose. Each message says what went wrong and how to fix it."""
+
+
+class MedVQAError(Exception):
+    """Base class: an expected failure with a message a clinician or an admin can act on."""
+
+
+class ConfigError(MedVQAError):
+    """A configuration value is wrong; the message names the variable."""
+
+
+class DatabaseError(MedVQAError):
+    """The database is unreachable, not migrated, or refused a write."""
+
+
+class AccessDenied(MedVQAError):
+    """The actor's role may not perform the action (the refusal is audited)."""
+
+
+class NotFound(MedVQAError):
+    """A referenced record does not exist."""
+
+
+class InvalidInput(MedVQAError):
+    """A value given by a person or a file is not acceptable."""
+
+
+class IdempotencyConflict(MedVQAError):
+    """The same idempotency key was used again with a different body."""

@@ -1,0 +1,1 @@
+"""Use cases. Each write is one transaction together with its audit event (see transaction.write)."""

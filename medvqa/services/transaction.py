@@ -1,0 +1,67 @@
+"""One write = one transaction that holds the audit-chain lock, commits with its audit events, then
+anchors the new chain head outside the database. Serialization failures, deadlocks and lock timeouts
+are retried; anything else rolls back whole."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from medvqa.db.engine import Database
+from medvqa.errors import DatabaseError
+
+T = TypeVar("T")
+
+# Any constant works; it names "the audit chain" among PostgreSQL advisory locks.
+CHAIN_LOCK_KEY = 0x6D65_6476_7161  # "medvqa"
+PENDING_HEADS = "medvqa_pending_audit_heads"
+RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
+
+
+def _is_retryable(exc: DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate in RETRYABLE_SQLSTATES:
+        return True
+    return isinstance(exc, OperationalError) and "database is locked" in str(exc.orig)
+
+
+def lock_audit_chain(session: Session) -> None:
+    """Serialise writers on the audit chain. SQLite already holds its write lock (BEGIN IMMEDIATE)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
+
+
+def write(db: Database, work: Callable[[Session], T]) -> T:
+    """Run `work` in one transaction with the chain lock held; retry on contention; anchor after commit.
+
+    `work` may run more than once (on retry), so it must not have side effects outside the session.
+    IntegrityError is not retried here: callers that race on a unique key decide what it means.
+    """
+    for attempt in range(db.write_retries + 1):
+        session = db.session()
+        try:
+            with session.begin():
+                lock_audit_chain(session)
+                result = work(session)
+                heads: list[tuple[int, str]] = session.info.pop(PENDING_HEADS, [])
+            db.anchor.append(heads)
+            return result
+        except IntegrityError:
+            raise
+        except DBAPIError as exc:
+            if not _is_retryable(exc) or attempt == db.write_retries:
+                raise DatabaseError(f"the database refused the write: {_first_line(exc)}") from exc
+            time.sleep(min(0.5, 0.01 * 2**attempt) * random.uniform(0.5, 1.5))
+        finally:
+            session.close()
+    raise AssertionError("unreachable")
+
+
+def _first_line(exc: DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__

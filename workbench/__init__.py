@@ -1,0 +1,4 @@
+"""The Streamlit workbench (pages for clinicians, reviewers, ML engineers and auditors).
+
+UI only: pages call medvqa.services and never touch SQL or torch directly.
+"""
