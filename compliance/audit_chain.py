@@ -75,7 +75,8 @@ class VerifyReport:
     first_bad_seq: int | None = None
     reason: str = ""
     anchored_seq: int = 0
-    unanchored_tail: int = 0
+    unanchored_events: int = 0
+    first_unanchored_seq: int | None = None
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -92,16 +93,26 @@ def _row_problem(event: ChainEvent, prev_hash: str, anchored: set[str] | None) -
     return ""
 
 
-def verify_chain(events: Iterable[ChainEvent], anchor: Mapping[int, set[str]]) -> VerifyReport:
-    """Check events (ordered by seq) link, hash and agree with the anchor; stop at the first bad one."""
+def verify_chain(events: Iterable[ChainEvent], anchor: Mapping[int, set[str]], strict: bool = False) -> VerifyReport:
+    """Check events (ordered by seq) link, hash and agree with the anchor; stop at the first bad one.
+
+    An event with no anchor line is a warning by default: a writer killed between its commit and its
+    anchor append leaves one. It is also what an event forged at the end of the chain becomes once a
+    later write anchors a newer head, so `strict` makes any unanchored event a failure.
+    """
     expected, prev_hash = 1, GENESIS_HASH
+    unanchored, first_unanchored = 0, None
     for event in events:
         if event.seq != expected:
             missing = "is missing (deleted)" if event.seq > expected else "is out of order or duplicated"
             return VerifyReport(False, expected - 1, expected, f"event {expected} {missing}")
-        problem = _row_problem(event, prev_hash, anchor.get(event.seq))
+        anchored = anchor.get(event.seq)
+        problem = _row_problem(event, prev_hash, anchored)
         if problem:
             return VerifyReport(False, expected - 1, event.seq, f"event {event.seq} {problem}")
+        if anchored is None:
+            unanchored += 1
+            first_unanchored = first_unanchored or event.seq
         prev_hash, expected = event.hash, expected + 1
     count = expected - 1
     anchored_seq = max(anchor, default=0)
@@ -110,15 +121,18 @@ def verify_chain(events: Iterable[ChainEvent], anchor: Mapping[int, set[str]]) -
             False,
             count,
             count + 1,
-            f"the anchor records events up to {anchored_seq} but the database ends at {count} "
-            "(the tail was cut)",
+            f"the anchor records events up to {anchored_seq} but the database ends at {count} (the tail was cut)",
         )
-    report = VerifyReport(True, count, anchored_seq=anchored_seq, unanchored_tail=count - anchored_seq)
-    if report.unanchored_tail:
-        report.warnings.append(
-            f"{report.unanchored_tail} newest event(s) are not in the anchor yet "
-            "(a writer stopped between its commit and the anchor append)"
+    report = VerifyReport(True, count, None, "", anchored_seq, unanchored, first_unanchored)
+    if unanchored:
+        note = (
+            f"{unanchored} event(s) have no anchor line, the first is {first_unanchored} "
+            "(a writer stopped between commit and anchor append, or the event was forged)"
         )
+        if strict:
+            report.ok, report.first_bad_seq, report.reason = False, first_unanchored, note
+        else:
+            report.warnings.append(note)
     return report
 
 

@@ -79,7 +79,7 @@ def _json_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(func)
 
 
-@click.group(cls=MedVQAGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="medvqa", cls=MedVQAGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medvqa")
 def main() -> None:
     """Medical visual question answering: DICOM studies, a LoRA-tuned vision-language model,
@@ -162,8 +162,9 @@ def audit() -> None:
 
 
 @audit.command("verify")
+@click.option("--strict", is_flag=True, help="Also fail when the newest events are not in the anchor yet.")
 @_json_option
-def audit_verify(as_json: bool) -> None:
+def audit_verify(strict: bool, as_json: bool) -> None:
     """Check the hash chain and the anchor kept outside the database. Exits 1 and names the first bad
     sequence number when an event was edited, deleted, inserted or reordered, the tail was cut, or the
     chain was recomputed."""
@@ -172,12 +173,14 @@ def audit_verify(as_json: bool) -> None:
     from medvqa.services.transaction import write
 
     database = _open_database()
-    report = audit_service.verify(database)
+    report = audit_service.verify(database, strict)
     outcome = "success" if report.ok else "failed"
     summary = {"ok": report.ok, "events": report.events, "first_bad_seq": report.first_bad_seq}
     write(
         database,
-        lambda s: audit_service.record(s, _operator(), Action.AUDIT_VERIFY, "audit", None, outcome=outcome, details=summary),
+        lambda s: audit_service.record(
+            s, _operator(), Action.AUDIT_VERIFY, "audit", None, outcome=outcome, details=summary
+        ),
     )
     if report.ok:
         text = f"audit trail OK: {report.events} events, anchored through {report.anchored_seq}"

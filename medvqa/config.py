@@ -95,7 +95,7 @@ def normalize_database_url(value: str) -> URL:
         raise ValueError(f"not a database URL: {exc}") from None
     if url.get_backend_name() not in SUPPORTED_BACKENDS:
         raise ValueError(f"backend {url.get_backend_name()!r} is not supported; use sqlite or postgresql")
-    if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("", "psycopg2"):
+    if url.drivername in ("postgresql", "postgresql+psycopg2"):
         url = url.set(drivername="postgresql+psycopg")
     return url
 

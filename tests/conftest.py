@@ -19,11 +19,11 @@ from sqlalchemy.engine import URL
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from compliance.audit_chain import AuditAnchor  # noqa: E402
-from medvqa.config import normalize_database_url  # noqa: E402
-from medvqa.db.engine import Database, build_engine  # noqa: E402
-from medvqa.db.migrate import upgrade  # noqa: E402
-from tests import factories  # noqa: E402
+from compliance.audit_chain import AuditAnchor
+from medvqa.config import normalize_database_url
+from medvqa.db.engine import Database, build_engine
+from medvqa.db.migrate import upgrade
+from tests import factories
 
 SERVER_URL = os.environ.get("MEDVQA_TEST_DATABASE_URL")
 DB_FIXTURES = {"db", "database_url", "cli_env"}

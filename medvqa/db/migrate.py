@@ -65,7 +65,5 @@ def ensure_current(db: Database) -> None:
     """Refuse to work on a database that is missing or behind the code, with the command that fixes it."""
     current, head = current_revision(db), head_revision()
     if current != head:
-        state = (
-            "has no medvqa schema" if current is None else f"is at revision {current}, code expects {head}"
-        )
+        state = "has no medvqa schema" if current is None else f"is at revision {current}, code expects {head}"
         raise DatabaseError(f"the database {state}; run `medvqa db upgrade`")

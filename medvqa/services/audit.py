@@ -51,9 +51,7 @@ def record(
         raise ValueError(f"audit action {action!r} is not source:subject:action")
     if outcome not in OUTCOMES:
         raise ValueError(f"audit outcome {outcome!r} is not one of {OUTCOMES}")
-    head = session.execute(
-        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
-    ).first()
+    head = session.execute(select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
     seq, prev_hash = (head.seq + 1, head.hash) if head else (1, GENESIS_HASH)
     chained = ChainEvent(
         seq=seq,
@@ -90,7 +88,7 @@ def iter_events(session: Session, batch: int = 2_000) -> Iterator[ChainEvent]:
         yield _as_chain_event(row)
 
 
-def verify(db: Database) -> VerifyReport:
+def verify(db: Database, strict: bool = False) -> VerifyReport:
     """Check the chain in the database against itself and against the anchor outside it."""
     try:
         anchor = db.anchor.read()
@@ -102,4 +100,4 @@ def verify(db: Database) -> VerifyReport:
         else:
             return VerifyReport(False, first_bad_seq=1, reason=str(exc))
     with db.read_session() as session, session.begin():
-        return verify_chain(iter_events(session), anchor)
+        return verify_chain(iter_events(session), anchor, strict)

@@ -78,9 +78,7 @@ def _validate(item: FeedbackInput) -> None:
 
 def _store(db: Database, actor: Actor, item: FeedbackInput, body_sha256: str, action: str) -> FeedbackResult:
     def work(session: Session) -> FeedbackResult:
-        existing = session.scalars(
-            select(Feedback).where(Feedback.idempotency_key == item.idempotency_key)
-        ).first()
+        existing = session.scalars(select(Feedback).where(Feedback.idempotency_key == item.idempotency_key)).first()
         if existing is not None:
             if existing.body_sha256 != body_sha256:
                 raise IdempotencyConflict(

@@ -4,6 +4,7 @@ are retried; anything else rolls back whole."""
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from medvqa.db.engine import Database
 from medvqa.errors import DatabaseError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Any constant works; it names "the audit chain" among PostgreSQL advisory locks.
 CHAIN_LOCK_KEY = 0x6D65_6476_7161  # "medvqa"
@@ -50,7 +52,7 @@ def write(db: Database, work: Callable[[Session], T]) -> T:
                 lock_audit_chain(session)
                 result = work(session)
                 heads: list[tuple[int, str]] = session.info.pop(PENDING_HEADS, [])
-            db.anchor.append(heads)
+            _anchor(db, heads)
             return result
         except IntegrityError:
             raise
@@ -61,6 +63,15 @@ def write(db: Database, work: Callable[[Session], T]) -> T:
         finally:
             session.close()
     raise AssertionError("unreachable")
+
+
+def _anchor(db: Database, heads: list[tuple[int, str]]) -> None:
+    """The write has committed: a failing anchor must not turn it into an error the caller would retry.
+    `audit verify` reports the events the anchor is missing."""
+    try:
+        db.anchor.append(heads)
+    except OSError as exc:
+        log.error("audit anchor %s not updated for events %s: %s", db.anchor.path, [s for s, _ in heads], exc)
 
 
 def _first_line(exc: DBAPIError) -> str:

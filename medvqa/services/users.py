@@ -34,9 +34,7 @@ def check_password_policy(username: str, password: str) -> None:
         raise InvalidInput("the password must not contain the username")
 
 
-def add_user(
-    db: Database, actor: Actor, username: str, password: str, role: str, display_name: str = ""
-) -> User:
+def add_user(db: Database, actor: Actor, username: str, password: str, role: str, display_name: str = "") -> User:
     """Create an account; the audit event names the user and role, never the password."""
     authorize(db, actor, Action.USER_CREATE, "user", username)
     if not USERNAME_PATTERN.match(username):
@@ -61,9 +59,7 @@ def add_user(
         )
         session.add(user)
         session.flush()
-        audit.record(
-            session, actor, Action.USER_CREATE, "user", user.id, details={"username": username, "role": role}
-        )
+        audit.record(session, actor, Action.USER_CREATE, "user", user.id, details={"username": username, "role": role})
         return user
 
     try:

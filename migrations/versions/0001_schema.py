@@ -52,9 +52,7 @@ def upgrade() -> None:
 
     op.create_table(
         "audit_events",
-        sa.Column(
-            "seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=False, nullable=False
-        ),
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=False, nullable=False),
         sa.Column("ts", sa.DateTime(timezone=True), nullable=False),
         sa.Column("actor_user_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("actor_name", sa.String(length=64), nullable=False),
@@ -66,9 +64,7 @@ def upgrade() -> None:
         sa.Column("details", sa.JSON(), nullable=False),
         sa.Column("prev_hash", sa.String(length=64), nullable=False),
         sa.Column("hash", sa.String(length=64), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["actor_user_id"], ["users.id"], name=op.f("fk_audit_events_actor_user_id_users")
-        ),
+        sa.ForeignKeyConstraint(["actor_user_id"], ["users.id"], name=op.f("fk_audit_events_actor_user_id_users")),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_audit_events")),
         sa.UniqueConstraint("hash", name=op.f("uq_audit_events_hash")),
     )
@@ -153,12 +149,8 @@ def upgrade() -> None:
         sa.Column("requested_by", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["dataset_id"], ["datasets.id"], name=op.f("fk_training_rounds_dataset_id_datasets")
-        ),
-        sa.ForeignKeyConstraint(
-            ["requested_by"], ["users.id"], name=op.f("fk_training_rounds_requested_by_users")
-        ),
+        sa.ForeignKeyConstraint(["dataset_id"], ["datasets.id"], name=op.f("fk_training_rounds_dataset_id_datasets")),
+        sa.ForeignKeyConstraint(["requested_by"], ["users.id"], name=op.f("fk_training_rounds_requested_by_users")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_training_rounds")),
     )
     with op.batch_alter_table("training_rounds", schema=None) as batch_op:
@@ -208,9 +200,7 @@ def upgrade() -> None:
         sa.Column("pixel_hash", sa.String(length=64), nullable=False),
         sa.Column("storage_path", sa.String(length=512), nullable=False),
         sa.Column("held_for_burned_in_text", sa.Boolean(), nullable=False),
-        sa.Column(
-            "burned_in_confirmed_by", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
-        ),
+        sa.Column("burned_in_confirmed_by", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.ForeignKeyConstraint(
             ["burned_in_confirmed_by"], ["users.id"], name=op.f("fk_instances_burned_in_confirmed_by_users")
         ),
@@ -258,9 +248,7 @@ def upgrade() -> None:
         sa.Column("latency_ms", sa.Float(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["adapter_id"], ["adapters.id"], name=op.f("fk_answers_adapter_id_adapters")),
-        sa.ForeignKeyConstraint(
-            ["question_id"], ["questions.id"], name=op.f("fk_answers_question_id_questions")
-        ),
+        sa.ForeignKeyConstraint(["question_id"], ["questions.id"], name=op.f("fk_answers_question_id_questions")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_answers")),
     )
     with op.batch_alter_table("answers", schema=None) as batch_op:
@@ -295,9 +283,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["answer_id"], ["answers.id"], name=op.f("fk_feedback_answer_id_answers")),
         sa.ForeignKeyConstraint(["author_id"], ["users.id"], name=op.f("fk_feedback_author_id_users")),
-        sa.ForeignKeyConstraint(
-            ["supersedes_id"], ["feedback.id"], name=op.f("fk_feedback_supersedes_id_feedback")
-        ),
+        sa.ForeignKeyConstraint(["supersedes_id"], ["feedback.id"], name=op.f("fk_feedback_supersedes_id_feedback")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_feedback")),
         sa.UniqueConstraint("idempotency_key", name=op.f("uq_feedback_idempotency_key")),
         sa.UniqueConstraint("supersedes_id", name=op.f("uq_feedback_supersedes_id")),
