@@ -144,7 +144,8 @@ class AuditAnchor:
     """Append-only text file of `seq hash` lines, one per committed audit event.
 
     Appends use O_APPEND with a single write per batch, so concurrent writer processes never interleave
-    inside a line; a line cut short by a crash is ignored on reading.
+    inside a line, and are fsynced like the database commit before them. A last line cut short by a crash
+    (or the NUL padding a filesystem may leave after a power loss) is ignored on reading.
     """
 
     def __init__(self, path: Path) -> None:
@@ -163,6 +164,7 @@ class AuditAnchor:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
             os.write(fd, data)
+            os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -170,7 +172,7 @@ class AuditAnchor:
         """seq -> the hashes recorded for it (more than one means the chain was rewritten)."""
         if not self.path.exists():
             raise AnchorError(f"the audit anchor {self.path} is missing")
-        text = self.path.read_text(encoding="ascii", errors="replace")
+        text = self.path.read_text(encoding="ascii", errors="replace").rstrip("\x00")
         complete_lines = text.split("\n")[:-1]  # a last line without its newline was cut by a crash
         anchor: dict[int, set[str]] = {}
         for number, line in enumerate(complete_lines, start=1):

@@ -91,6 +91,17 @@ def test_anchor_file_round_trip_ignores_a_line_cut_by_a_crash(tmp_path):
     assert anchor.read() == {1: {"a" * 64}, 2: {"b" * 64}}
 
 
+def test_anchor_with_nul_padding_after_a_power_loss_is_read(tmp_path):
+    anchor = AuditAnchor(tmp_path / "anchor.log")
+    anchor.append([(1, "a" * 64)])
+    with anchor.path.open("ab") as f:
+        f.write(b"\x00" * 4096)
+    assert anchor.read() == {1: {"a" * 64}}
+    anchor.path.write_bytes(b"1 " + b"a" * 64 + b"\n\x00\x00\n2 " + b"b" * 64 + b"\n")
+    with pytest.raises(AnchorError, match="line 2"):
+        anchor.read()
+
+
 def test_damaged_or_missing_anchor_is_refused(tmp_path):
     anchor = AuditAnchor(tmp_path / "anchor.log")
     with pytest.raises(AnchorError, match="missing"):

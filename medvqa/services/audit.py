@@ -77,15 +77,12 @@ def _fields(event: ChainEvent) -> dict[str, Any]:
     return {name: getattr(event, name) for name in ChainEvent.__dataclass_fields__ if name != "hash"}
 
 
-def _as_chain_event(row: AuditEvent) -> ChainEvent:
-    return ChainEvent(**{name: getattr(row, name) for name in ChainEvent.__dataclass_fields__})
-
-
-def iter_events(session: Session, batch: int = 2_000) -> Iterator[ChainEvent]:
-    """Every event in seq order, streamed."""
-    rows = session.execute(select(AuditEvent).order_by(AuditEvent.seq).execution_options(yield_per=batch))
-    for row in rows.scalars():
-        yield _as_chain_event(row)
+def iter_events(session: Session, batch: int = 5_000) -> Iterator[ChainEvent]:
+    """Every event in seq order, streamed as plain rows (no ORM objects: verification reads 100,000s)."""
+    columns = [AuditEvent.__table__.c[name] for name in ChainEvent.__dataclass_fields__]
+    rows = session.execute(select(*columns).order_by(AuditEvent.seq).execution_options(yield_per=batch))
+    for row in rows:
+        yield ChainEvent(*row)
 
 
 def verify(db: Database, strict: bool = False) -> VerifyReport:
