@@ -31,6 +31,7 @@ class Action(enum.StrEnum):
     USER_DISABLE = "user:account:disable"
     SESSION_LOGIN = "auth:session:login"
     STUDY_IMPORT = "study:study:import"
+    STUDY_LIST = "study:study:list"
     STUDY_VIEW = "study:study:view"
     INSTANCE_CONFIRM = "study:instance:confirm_burned_in"
     QUESTION_ASK = "answer:question:ask"
@@ -56,6 +57,7 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.USER_DISABLE: frozenset({_ADM}),
     Action.SESSION_LOGIN: frozenset({_C, _R, _M, _A, _ADM}),
     Action.STUDY_IMPORT: frozenset({_C, _ADM}),
+    Action.STUDY_LIST: frozenset({_C, _R, _M, _A, _ADM}),  # de-identified metadata only
     Action.STUDY_VIEW: frozenset({_C, _R}),
     Action.INSTANCE_CONFIRM: frozenset({_R}),
     Action.QUESTION_ASK: frozenset({_C, _R}),

@@ -10,6 +10,7 @@ import getpass
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -154,6 +155,52 @@ def users_list(as_json: bool) -> None:
         ]
     text = "\n".join(f"{r['id']:>4}  {r['username']:<24} {r['role']}" for r in rows) or "no users"
     _emit(as_json, {"users": rows}, text)
+
+
+@main.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_json_option
+def import_command(paths: tuple[Path, ...], as_json: bool) -> None:
+    """Import DICOM files, folders (recursive), zip files and DICOMDIRs; PNG and JPEG become
+    secondary-capture studies. Everything is de-identified before it is stored. Exits 1 when any file
+    was refused (each is listed with its reason); the other files are imported all the same."""
+    from medvqa.config import load_settings
+    from medvqa.services.studies import import_paths
+
+    database = _open_database()
+    report = import_paths(database, _operator(), list(paths), load_settings())
+    summary = report.as_dict()
+    lines = [f"refused: {o.source}: {o.reason}" for o in report.outcomes if o.status == "refused"]
+    lines.append(
+        f"imported {summary['imported']} instance(s) into {len(summary['studies'])} study(ies); "
+        f"{summary['duplicate']} already stored, {summary['skipped']} skipped, {summary['refused']} refused, "
+        f"{summary['held']} held until a reviewer confirms there is no burned-in text"
+    )
+    _emit(as_json, summary, "\n".join(lines))
+    if summary["refused"]:
+        sys.exit(1)
+
+
+@main.group()
+def studies() -> None:
+    """Browse imported (de-identified) studies."""
+
+
+@studies.command("list")
+@_json_option
+def studies_list(as_json: bool) -> None:
+    """List studies, newest import first."""
+    from medvqa.services.studies import list_studies
+
+    rows = list_studies(_open_database(), _operator())
+    text = "\n".join(_study_line(row) for row in rows)
+    _emit(as_json, {"studies": rows}, text or "no studies")
+
+
+def _study_line(row: dict[str, Any]) -> str:
+    held = f" ({row['held']} held)" if row["held"] else ""
+    counts = f"{row['series']} series, {row['instances']} instances{held}"
+    return f"{row['id']:>5}  {row['modality']:<4} {row['body_part'] or '-':<10} {counts}  {row['study_uid']}"
 
 
 @main.group()

@@ -50,6 +50,20 @@ class Settings(BaseSettings):
         description="Retries of a write after a serialization failure, deadlock or lock timeout.",
     )
 
+    deid_key_file: Path | None = Field(
+        default=None,
+        description="Secret for keyed UIDs and pseudonyms (created on first import); default MEDVQA_HOME/deid.key.",
+    )
+    deid_retain_longitudinal_dates: bool = Field(
+        default=False,
+        description="PS3.15 option: shift dates by a fixed offset per patient instead of removing them.",
+    )
+    import_max_file_bytes: int = Field(default=1 << 30, gt=0, description="Largest file (or zip member) imported.")
+    import_max_pixels: int = Field(
+        default=300_000_000, gt=0, description="Most samples (rows x columns x frames x samples) in one instance."
+    )
+    import_max_instances: int = Field(default=20_000, gt=0, description="Most files in one import.")
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -85,6 +99,15 @@ class Settings(BaseSettings):
     @property
     def audit_anchor_path(self) -> Path:
         return self.audit_anchor or self.home / "audit-anchor.log"
+
+    @property
+    def deid_key_path(self) -> Path:
+        return self.deid_key_file or self.home / "deid.key"
+
+    @property
+    def store_dir(self) -> Path:
+        """De-identified instances, content-addressed."""
+        return self.home / "store"
 
 
 def normalize_database_url(value: str) -> URL:

@@ -27,3 +27,11 @@ class InvalidInput(MedVQAError):
 
 class IdempotencyConflict(MedVQAError):
     """The same idempotency key was used again with a different body."""
+
+
+class ImportRefused(MedVQAError):
+    """One input file cannot be imported; the message says why, naming no patient identifier."""
+
+
+class ImportSkipped(MedVQAError):
+    """A file that is not an instance to import (a DICOMDIR index), passed over on purpose."""

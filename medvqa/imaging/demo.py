@@ -1,0 +1,62 @@
+"""Demo studies: the VQA-RAD teaching images (CC0, MedPix) as DICOM secondary-capture files.
+
+Modality and body part come from the training split's questions only (test.jsonl stays untouched).
+BurnedInAnnotation is set to NO: these images were published de-identified by the National Library of
+Medicine; their arrows and letters are teaching marks, not identity.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from medvqa.imaging.secondary_capture import dataset_from_image
+
+BODY_PARTS = {"HEAD": "HEAD", "CHEST": "CHEST", "ABD": "ABDOMEN"}
+MODALITY_WORDS = [  # first match wins: (pattern in a question or answer, DICOM modality)
+    (r"\b(mri?|flair|t1|t2|dwi|adc|diffusion|gadolinium)\b", "MR"),
+    (r"\b(ct|computed tomography)\b", "CT"),
+    (r"\b(x-?\s?ray|xray|radiograph\w*|plain film|film|cxr)\b", "DX"),
+    (r"\b(ultrasound|sonograph\w*)\b", "US"),
+]
+
+
+def infer_tags(train_jsonl: Path) -> dict[str, tuple[str, str]]:
+    """image name -> (modality, body part): a vote over every training question and answer that names a
+    modality (a modality question answered "no" votes for nothing)."""
+    votes: dict[str, Counter[str]] = defaultdict(Counter)
+    organ: dict[str, str] = {}
+    for line in train_jsonl.read_text().splitlines():
+        row = json.loads(line)
+        name = Path(row["image"]).name
+        organ.setdefault(name, BODY_PARTS.get(row.get("organ", ""), ""))
+        answer = row["answer"].strip().lower()
+        if answer == "no" and row.get("question_type") == "MODALITY":
+            continue
+        text = f"{row['question']} {answer if answer not in ('yes', 'no') else ''}".lower()
+        for pattern, code in MODALITY_WORDS:
+            if re.search(pattern, text):
+                votes[name][code] += 1
+                break
+    return {name: (votes[name].most_common(1)[0][0] if votes[name] else "OT", part) for name, part in organ.items()}
+
+
+def build_demo_files(data_dir: Path, out_dir: Path, max_pixels: int = 300_000_000) -> list[Path]:
+    """Write one secondary-capture file per VQA-RAD image into `out_dir` (skipping those already there)."""
+    from pydicom import dcmwrite
+
+    tags = infer_tags(data_dir / "train.jsonl")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for image in sorted((data_dir / "images").glob("*.jpg")):
+        target = out_dir / f"{image.stem}.dcm"
+        if not target.exists():
+            modality, body_part = tags.get(image.name, ("OT", ""))
+            ds = dataset_from_image(
+                image.read_bytes(), max_pixels, modality=modality, body_part=body_part, burned_in_annotation="NO"
+            )
+            dcmwrite(target, ds, enforce_file_format=True)
+        written.append(target)
+    return written

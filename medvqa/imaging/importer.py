@@ -1,0 +1,178 @@
+"""One source file -> a de-identified instance, stored content-addressed, described by an InstanceRecord.
+
+Order matters: read and check, decode the pixels (a corrupt stream is refused before anything is
+stored), de-identify, then store. The original identifiers never leave this function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime
+from typing import Any
+
+import numpy as np
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from compliance.deid import Deidentifier, DeidError
+from medvqa.errors import ImportRefused, ImportSkipped
+from medvqa.imaging.reader import ImportLimits, decode_pixels, read_dicom, scrub_message
+from medvqa.imaging.secondary_capture import dataset_from_image, is_plain_image
+from medvqa.imaging.store import ContentStore
+
+SECONDARY_CAPTURE_CLASSES = {f"1.2.840.10008.5.1.4.1.1.7{suffix}" for suffix in ("", ".1", ".2", ".3", ".4")}
+BURNED_IN_MODALITIES = {"US", "SC"}
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the database keeps about one stored instance (pseudonymised UIDs only)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    patient_pseudonym: str
+    modality: str
+    body_part: str
+    study_date: date | None
+    series_number: int | None
+    instance_number: int | None
+    slice_position: float | None
+    rows: int
+    columns: int
+    frames: int
+    pixel_hash: str
+    storage_path: str
+    held_for_burned_in_text: bool
+    spacing: dict[str, Any] = field(default_factory=dict)
+    window: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_instance(data: bytes, deid: Deidentifier, store: ContentStore, limits: ImportLimits) -> InstanceRecord:
+    """Check, decode, de-identify and store one file; raise ImportRefused (nothing stored) when it is bad."""
+    record, encoded = _deidentified(data, deid, limits)
+    return replace(record, storage_path=store.put(encoded))  # outside the parsing boundary: disk errors stay errors
+
+
+def _deidentified(data: bytes, deid: Deidentifier, limits: ImportLimits) -> tuple[InstanceRecord, bytes]:
+    """The boundary around everything that interprets the file's bytes. pydicom converts values lazily, so a
+    corrupt header can raise from anywhere below; whatever it raises becomes one refusal line for this file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warnings can quote element values
+        try:
+            ds = dataset_from_image(data, limits.max_pixels) if is_plain_image(data) else read_dicom(data, limits)
+            pixel_hash = hash_pixels(decode_pixels(ds))
+            held = may_carry_burned_in_text(ds)
+            deid.deidentify(ds)
+            return _record(ds, pixel_hash, "", held), _encode(ds)
+        except (ImportRefused, ImportSkipped):
+            raise
+        except DeidError as exc:
+            raise ImportRefused(str(exc)) from None
+        except (LookupError, UnicodeError):
+            raise ImportRefused("text in an unknown or invalid character set") from None
+        except Exception as exc:
+            raise ImportRefused(f"unreadable DICOM data ({type(exc).__name__}): {scrub_message(exc)}") from None
+
+
+def hash_pixels(pixels: np.ndarray) -> str:
+    """SHA-256 of the decoded pixel values with their shape and type: equal for the same image whatever
+    the transfer syntax it was stored in."""
+    header = f"{pixels.dtype.str}{pixels.shape}".encode()
+    return hashlib.sha256(header + np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+def may_carry_burned_in_text(ds: Dataset) -> bool:
+    """BurnedInAnnotation YES, or unknown on ultrasound and secondary captures: a person must look first."""
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag in ("YES", "NO"):
+        return flag == "YES"
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    return (
+        str(ds.get("Modality", "")) in BURNED_IN_MODALITIES
+        or str(ds.get("SOPClassUID", "")) in SECONDARY_CAPTURE_CLASSES
+        or "SECONDARY" in image_type
+    )
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _record(ds: Dataset, pixel_hash: str, storage_path: str, held: bool) -> InstanceRecord:
+    return InstanceRecord(
+        study_uid=str(ds.StudyInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        patient_pseudonym=str(ds.PatientID),
+        modality=str(ds.get("Modality", "") or "OT")[:16],
+        body_part=str(ds.get("BodyPartExamined", "") or "")[:64],
+        study_date=_date(ds.get("StudyDate")),
+        series_number=_int(ds.get("SeriesNumber")),
+        instance_number=_int(ds.get("InstanceNumber")),
+        slice_position=_slice_position(ds),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        frames=int(ds.get("NumberOfFrames") or 1),
+        pixel_hash=pixel_hash,
+        storage_path=storage_path,
+        held_for_burned_in_text=held,
+        spacing=_spacing(ds),
+        window=_window(ds),
+    )
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _date(value: Any) -> date | None:
+    try:
+        return datetime.strptime(str(value), "%Y%m%d").date() if value else None
+    except ValueError:
+        return None
+
+
+def _slice_position(ds: Dataset) -> float | None:
+    try:
+        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+        position = np.array([float(v) for v in ds.ImagePositionPatient])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if orientation.shape != (6,) or position.shape != (3,):
+        return None
+    return float(np.dot(position, np.cross(orientation[:3], orientation[3:])))
+
+
+def _first_floats(value: Any) -> list[float]:
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        return []
+
+
+def _spacing(ds: Dataset) -> dict[str, Any]:
+    pixel = _first_floats(ds.get("PixelSpacing") or [])
+    thickness = _first_floats(ds.get("SliceThickness") or [])
+    spacing: dict[str, Any] = {}
+    if len(pixel) == 2:
+        spacing["row"], spacing["column"] = pixel
+    if thickness:
+        spacing["thickness"] = thickness[0]
+    return spacing
+
+
+def _window(ds: Dataset) -> dict[str, Any]:
+    centers = _first_floats(ds.get("WindowCenter") or [])
+    widths = _first_floats(ds.get("WindowWidth") or [])
+    return {"center": centers[0], "width": widths[0]} if centers and widths else {}
