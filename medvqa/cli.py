@@ -241,13 +241,16 @@ def audit_verify(strict: bool, as_json: bool) -> None:
 
 @main.command()
 def demo() -> None:
-    """Set up the embedded default: SQLite under MEDVQA_HOME, one demo account per role."""
+    """Set up the embedded default: SQLite under MEDVQA_HOME, one demo account per role, and the
+    VQA-RAD teaching images as de-identified demo studies (MEDVQA_DEMO_DATA)."""
     from sqlalchemy import select
 
+    from medvqa.config import load_settings
     from medvqa.db import User
     from medvqa.db.migrate import upgrade
     from medvqa.services.users import add_user
 
+    settings = load_settings()
     database = _open_database(migrated=False)
     upgrade(database)
     with database.read_session() as session:
@@ -257,4 +260,21 @@ def demo() -> None:
             add_user(database, _operator(), username, DEMO_PASSWORD, role, f"Demo {role}")
     click.echo(f"database: {database.engine.url.render_as_string(hide_password=True)}")
     click.echo(f"demo accounts (password {DEMO_PASSWORD!r}): " + ", ".join(f"{u} ({r})" for u, r in DEMO_USERS.items()))
-    click.echo("The workbench app is not built yet: the database, accounts and audit trail above are ready for it.")
+    _import_demo_studies(database, settings)
+    click.echo("The workbench app is not built yet: the database, accounts and studies above are ready for it.")
+
+
+def _import_demo_studies(database: Database, settings: Any) -> None:
+    from medvqa.imaging.demo import build_demo_files
+    from medvqa.services.studies import import_paths
+
+    source = settings.demo_data_dir
+    if not (source / "images").is_dir():
+        click.echo(f"no demo studies: VQA-RAD not found at {source} (set MEDVQA_DEMO_DATA)", err=True)
+        return
+    files = build_demo_files(source, settings.home / "demo-dicom", settings.import_max_pixels)
+    report = import_paths(database, _operator(), files, settings)
+    click.echo(
+        f"demo studies: {report.count('imported')} imported, {report.count('duplicate')} already there "
+        f"({len(files)} VQA-RAD images)"
+    )

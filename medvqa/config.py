@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     )
     import_max_instances: int = Field(default=20_000, gt=0, description="Most files in one import.")
 
+    demo_data: Path | None = Field(
+        default=None,
+        description="VQA-RAD folder for `medvqa demo`; default: shared/data/vqa-rad beside the checkout.",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -103,6 +108,10 @@ class Settings(BaseSettings):
     @property
     def deid_key_path(self) -> Path:
         return self.deid_key_file or self.home / "deid.key"
+
+    @property
+    def demo_data_dir(self) -> Path:
+        return self.demo_data or Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa-rad"
 
     @property
     def store_dir(self) -> Path:

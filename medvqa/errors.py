@@ -35,3 +35,7 @@ class ImportRefused(MedVQAError):
 
 class ImportSkipped(MedVQAError):
     """A file that is not an instance to import (a DICOMDIR index), passed over on purpose."""
+
+
+class HeldForReview(MedVQAError):
+    """An instance may carry burned-in text and waits for a reviewer's confirmation."""

@@ -87,6 +87,7 @@ def import_paths(db: Database, actor: Actor, paths: Sequence[Path], settings: Se
             outcome.held = record.held_for_burned_in_text
             prepared[record.study_uid].append((outcome, record))
         report.outcomes.append(outcome)
+    store.sync()  # the files must be on disk before any row points at them
     for items in prepared.values():
         _save_study(db, actor, items)
     return report
