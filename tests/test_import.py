@@ -333,3 +333,33 @@ def test_mutated_headers_import_or_refuse_cleanly(mutation_settings, edits, cut,
 @pytest.fixture(scope="module")
 def mutation_settings(tmp_path_factory):
     return load_settings(home=tmp_path_factory.mktemp("mutation"))
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.5",  # RLE Lossless
+    ],
+)
+def test_every_compressed_syntax_named_by_the_design_has_a_decoder(syntax):
+    from pydicom.pixels.decoders.base import get_decoder
+
+    assert get_decoder(syntax).is_available, f"no pixel decoder installed for {syntax}"
+
+
+def test_an_undecodable_syntax_is_refused_by_name(settings):
+    from pydicom.encaps import encapsulate
+
+    ds = make_phi_slice()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video: no decoder here
+    ds.PixelData = encapsulate([ds.PixelData])
+    with pytest.raises(ImportRefused, match=r"transfer syntax MPEG2 .*cannot be decoded here"):
+        prepare(encode(ds), settings)
