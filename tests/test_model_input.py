@@ -188,3 +188,37 @@ def test_out_of_range_and_oversized_selections_are_refused() -> None:
         to_model_input(series, [0] * 17)
     with pytest.raises(InvalidInput, match="size must be a positive"):
         to_model_input(series, 0, size=0)
+
+
+def _voi_lut_slice(photometric: str = "MONOCHROME2"):
+    """A 16x16 image of values 0..255 whose file carries a square-root VOI LUT and no window."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    pixels = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    table = np.round(np.sqrt(np.arange(256) / 255) * 255).astype(np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 8]
+    item.LUTData = table.tolist()
+    ds = make_slice(pixels=pixels, window=None, photometric=photometric, bits_stored=8, rescale=None)
+    ds.BitsAllocated = 16
+    ds.VOILUTSequence = Sequence([item])
+    return ds, pixels, table
+
+
+def test_a_file_voi_lut_is_applied_exactly():
+    ds, pixels, table = _voi_lut_slice()
+    series = read_series([ds])
+    assert series.default_window.lut is not None and series.default_window.name == "file"
+    result = to_model_input(series, 0, size=16)
+    expected = table[pixels]  # the LUT's 8-bit output is the display value itself
+    np.testing.assert_array_equal(np.asarray(result.image)[..., 0], expected)
+    assert "voi_lut_sha256" in result.selection["window"]
+    linear = to_model_input(series, 0, window="full_8bit", size=16)
+    assert linear.preprocess_hash != result.preprocess_hash
+
+
+def test_a_voi_lut_on_monochrome1_still_shows_dense_as_bright():
+    ds, pixels, table = _voi_lut_slice("MONOCHROME1")
+    result = to_model_input(read_series([ds]), 0, size=16)
+    np.testing.assert_array_equal(np.asarray(result.image)[..., 0], 255 - table[pixels])

@@ -61,7 +61,7 @@ def build_pre_transforms(window: Window, size: int, colour: bool) -> Compose:
         [
             EnsureTyped(keys, data_type="tensor", track_meta=False),
             EnsureChannelFirstd(keys, channel_dim=-1 if colour else "no_channel"),
-            ScaleIntensityRanged(keys, a_min=window.low, a_max=window.high, b_min=0.0, b_max=1.0, clip=True),
+            _intensity_step(window, keys),
             Resized(keys, spatial_size=size, size_mode="longest", mode=INTERPOLATION, anti_aliasing=True),
             ResizeWithPadOrCropd(keys, spatial_size=(size, size), mode="constant"),
             RepeatChanneld(keys, repeats=1 if colour else 3),
@@ -71,6 +71,17 @@ def build_pre_transforms(window: Window, size: int, colour: bool) -> Compose:
             EnsureTyped(keys, data_type="numpy"),
         ]
     )
+
+
+def _intensity_step(window: Window, keys: str) -> Any:
+    """The file's VOI LUT when the window carries one, else the linear window clipped to 0..1."""
+    from monai.transforms.intensity.dictionary import ScaleIntensityRanged
+    from monai.transforms.utility.dictionary import Lambdad
+
+    if window.lut is not None:
+        lut = window.lut
+        return Lambdad(keys, func=lambda image: image.new_tensor(lut.apply(image.cpu().numpy())))
+    return ScaleIntensityRanged(keys, a_min=window.low, a_max=window.high, b_min=0.0, b_max=1.0, clip=True)
 
 
 def to_model_input(

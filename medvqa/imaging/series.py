@@ -6,6 +6,7 @@ dense, and colour is RGB on a 0..255 scale, whatever the transfer syntax or phot
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,30 @@ class SeriesError(InvalidInput, ValueError):
 
 
 @dataclass(frozen=True)
+class VoiLut:
+    """A file's VOI LUT (0028,3010) as a table over modality values: `table[v - first]`, in 0..1."""
+
+    first: float
+    table: tuple[float, ...]
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        index = np.clip(np.rint(np.asarray(values) - self.first), 0, len(self.table) - 1).astype(np.int64)
+        return np.asarray(self.table, dtype=np.float32)[index]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(np.asarray(self.table, dtype=np.float32).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
 class Window:
-    """A display window (level/width) in modality units, e.g. Hounsfield units for CT."""
+    """A display window (level/width) in modality units, e.g. Hounsfield units for CT; a file's VOI LUT, when it
+    has one instead, is carried in `lut` (center/width then span the LUT's input range)."""
 
     center: float
     width: float
     name: str = "custom"  # "file", a preset name, "auto" or "custom"
+    lut: VoiLut | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.width > 0:
@@ -43,7 +62,11 @@ class Window:
         return self.center + self.width / 2
 
     def as_dict(self) -> dict[str, float | str]:
-        return {"center": float(self.center), "width": float(self.width), "name": self.name}
+        described: dict[str, float | str] = {"center": float(self.center), "width": float(self.width)}
+        described["name"] = self.name
+        if self.lut is not None:
+            described["voi_lut_sha256"] = self.lut.sha256
+        return described
 
 
 PRESETS: dict[str, Window] = {
@@ -219,7 +242,27 @@ def _default_window(first: Frame, dataset: pydicom.Dataset, pixels: np.ndarray) 
         if first.inversion_pivot is not None:
             center = first.inversion_pivot - center
         return Window(center=center, width=width, name="file")
+    lut = _voi_lut(source, first.inversion_pivot)
+    if lut is not None:
+        return Window(center=lut.first + len(lut.table) / 2, width=float(len(lut.table)), name="file", lut=lut)
     return auto_window(pixels)
+
+
+def _voi_lut(source: pydicom.Dataset, inversion_pivot: float | None) -> VoiLut | None:
+    """The first VOI LUT of the file as a table, read through pydicom's own apply_voi_lut over its input range,
+    mirrored like the pixels when the image was MONOCHROME1."""
+    from pydicom.pixels.processing import apply_voi_lut
+
+    sequence = source.get("VOILUTSequence")
+    if not sequence or "LUTDescriptor" not in sequence[0]:
+        return None
+    entries, first, bits = (int(v) for v in sequence[0].LUTDescriptor)
+    entries = entries or 65536
+    inputs = np.arange(first, first + entries, dtype=np.int32)
+    table = np.asarray(apply_voi_lut(inputs, source, index=0, prefer_lut=True), dtype=np.float64) / (2**bits - 1)
+    if inversion_pivot is not None:  # pixels were mirrored v -> pivot - v, and MONOCHROME1 shows high as dark
+        return VoiLut(first=inversion_pivot - (first + entries - 1), table=tuple(1.0 - table[::-1]))
+    return VoiLut(first=float(first), table=tuple(table))
 
 
 def _first_value(value: object) -> float | None:
