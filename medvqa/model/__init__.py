@@ -1,0 +1,1 @@
+"""Models: load a local image-text-to-text checkpoint, answer with scores, attach LoRA adapters."""

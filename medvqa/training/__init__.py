@@ -1,0 +1,1 @@
+"""Training and evaluation: datasets, PEFT training, metrics, reports."""
