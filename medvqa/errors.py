@@ -39,3 +39,15 @@ class ImportSkipped(MedVQAError):
 
 class HeldForReview(MedVQAError):
     """An instance may carry burned-in text and waits for a reviewer's confirmation."""
+
+
+class ModelBuildError(MedVQAError):
+    """The default model could not be converted or built; the message names the file or step and the fix."""
+
+
+class ModelError(MedVQAError):
+    """A model checkpoint cannot be used: missing, not a checkpoint, unsupported, or failed to load."""
+
+
+class AdapterMismatch(ModelError):
+    """A LoRA adapter does not fit the loaded base model (another base, other shapes or target modules)."""
