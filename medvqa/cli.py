@@ -203,6 +203,34 @@ def _study_line(row: dict[str, Any]) -> str:
     return f"{row['id']:>5}  {row['modality']:<4} {row['body_part'] or '-':<10} {counts}  {row['study_uid']}"
 
 
+@main.command("eval")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="VQA jsonl (image, question, answer...).")
+@click.option("--model", "model", type=click.Path(path_type=Path), help="Local checkpoint; default: the workbench's.")
+@click.option("--adapter", help="Adapter id or folder; default with no --model: the live adapter, if any.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N questions (a quick check).")
+@click.option("--no-blind", is_flag=True, help="Skip the blind baseline (the same model with black images).")
+@_json_option
+def eval_command(
+    data: Path, model: Path | None, adapter: str | None, limit: int | None, no_blind: bool, as_json: bool
+) -> None:
+    """Evaluate a model on a VQA file: closed accuracy, open exact match, token F1 and recall, overall
+    accuracy, per question type and organ, and the blind baseline that shows whether the image is used."""
+    from medvqa.config import load_settings
+    from medvqa.services.evaluation import run_evaluation
+
+    report = run_evaluation(
+        _open_database(),
+        load_settings(),
+        data,
+        model=model,
+        adapter=adapter,
+        limit=limit,
+        blind=not no_blind,
+        progress=not as_json,
+    )
+    _emit(as_json, report.to_json(), report.to_markdown())
+
+
 @main.group()
 def audit() -> None:
     """Inspect the audit trail."""

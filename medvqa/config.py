@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     )
     import_max_instances: int = Field(default=20_000, gt=0, description="Most files in one import.")
 
+    base_model: Path | None = Field(
+        default=None,
+        description="Local image-text-to-text checkpoint the workbench answers with; default: the built-in "
+        "default model under MEDVQA_HOME/models (built from SmolLM2 on first use).",
+    )
+    device: str = Field(default="auto", description="auto (CUDA with bfloat16 when present), cpu, or cuda[:N].")
     demo_data: Path | None = Field(
         default=None,
         description="VQA-RAD folder for `medvqa demo`; default: shared/data/vqa-rad beside the checkout.",

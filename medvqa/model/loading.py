@@ -133,7 +133,9 @@ def _load_processor(path: Path, model_type: str) -> Any:
 
 def _load_model(path: Path, torch_dtype: torch.dtype) -> Any:
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a per-load bar is CLI noise
     try:
         return AutoModelForImageTextToText.from_pretrained(
             path, local_files_only=True, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
