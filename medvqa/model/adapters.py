@@ -99,11 +99,8 @@ def adapter_sha256(folder: Path) -> str:
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise NotFound(f"No {ADAPTER_WEIGHTS} in {folder}; an adapter folder holds {ADAPTER_CONFIG} and it.")
-    digest = hashlib.sha256()
     with weights.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def load_adapter(loaded: LoadedModel, folder: Path) -> LoadedModel:
