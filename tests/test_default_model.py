@@ -38,6 +38,8 @@ def radiograph() -> Image.Image:
     if not IMAGE.is_file():
         pytest.skip(f"VQA-RAD image not found at {IMAGE}")
     return Image.open(IMAGE)
+
+
 FRANCE = "What is the capital of France?"
 VQA_MESSAGES = [
     {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
