@@ -231,6 +231,51 @@ def eval_command(
     _emit(as_json, report.to_json(), report.to_markdown())
 
 
+@main.command("train")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="VQA jsonl to train on.")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Folder for the adapter and record.")
+@click.option("--model", "model", type=click.Path(path_type=Path), help="Local checkpoint; default: the workbench's.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--max-steps", type=int, default=-1, show_default=True, help="Optimizer steps; -1: use --epochs.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = 2 x rank).")
+@_json_option
+def train_command(
+    data: Path,
+    output: Path,
+    model: Path | None,
+    epochs: float,
+    max_steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    as_json: bool,
+) -> None:
+    """Train a LoRA adapter (plus the vision tower and projector) on a VQA file and save it to --output.
+    On GPUs run it through accelerate: `accelerate launch -m medvqa.cli train --data ... --output ...`
+    (or `accelerate launch --no_python medvqa train ...`); not exercised here, where CI has no GPU."""
+    from medvqa.config import load_settings
+    from medvqa.model.adapters import LoraSettings
+    from medvqa.services.evaluation import base_model_path
+    from medvqa.training.train import TrainSettings, train_adapter
+
+    try:
+        settings = TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, seed=seed, max_steps=max_steps)
+        lora = LoraSettings(r=rank, alpha=2 * rank)
+    except ValueError as exc:
+        raise MedVQAError(str(exc)) from None
+    base = model if model is not None else base_model_path(load_settings())
+    result = train_adapter(base, data, output, lora, settings, progress=not as_json)
+    text = (
+        f"adapter {result.adapter_sha256[:12]} in {result.adapter_dir}: {result.steps} steps, "
+        f"loss {result.train_loss:.4f}, {result.seconds:.1f} s"
+    )
+    _emit(as_json, result.as_dict(), text)
+
+
 @main.group()
 def audit() -> None:
     """Inspect the audit trail."""
@@ -306,3 +351,7 @@ def _import_demo_studies(database: Database, settings: Any) -> None:
         f"demo studies: {report.count('imported')} imported, {report.count('duplicate')} already there "
         f"({len(files)} VQA-RAD images)"
     )
+
+
+if __name__ == "__main__":  # `python -m medvqa.cli`, e.g. under `accelerate launch -m medvqa.cli train ...`
+    main()

@@ -199,6 +199,17 @@ def test_shapes_that_do_not_fit_are_refused(
         load_adapter(load_vlm(tiny_checkpoints("llava")), reshaped)
 
 
+def test_tensors_that_are_neither_lora_nor_modules_to_save_are_refused(
+    llava_adapter: Path, tiny_checkpoints: Callable[[str], Path], tmp_path: Path
+) -> None:
+    smuggled = _copy_without_base(llava_adapter, tmp_path / "smuggled")
+    weights = load_file(smuggled / "adapter_model.safetensors")
+    weights["base_model.model.lm_head.weight"] = torch.zeros(3, 3)
+    save_file(weights, smuggled / "adapter_model.safetensors")
+    with pytest.raises(AdapterMismatch, match=r"lm_head\.weight, neither a LoRA matrix nor a module to save"):
+        load_adapter(load_vlm(tiny_checkpoints("llava")), smuggled)
+
+
 def test_a_base_that_already_has_an_adapter_is_refused(
     llava_adapter: Path, tiny_checkpoints: Callable[[str], Path]
 ) -> None:

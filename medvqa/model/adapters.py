@@ -148,8 +148,26 @@ def check_adapter_fits(loaded: LoadedModel, folder: Path, config: dict[str, Any]
         raise AdapterMismatch(
             f"The adapter in {folder} was trained on base {base_ref}, but the loaded base is {loaded.model_ref}."
         )
-    for module_name, part, shape in _lora_shapes(folder / ADAPTER_WEIGHTS):
+    lora, saved = _adapter_tensors(folder / ADAPTER_WEIGHTS)
+    for module_name, part, shape in lora:
         _check_module_shape(loaded, folder, module_name, part, shape)
+    _check_saved_modules(loaded, folder, saved, tuple(config.get("modules_to_save") or ()))
+
+
+def _check_saved_modules(
+    loaded: LoadedModel, folder: Path, saved: dict[str, tuple[int, ...]], modules_to_save: tuple[str, ...]
+) -> None:
+    """Whole modules trained beside the LoRA (PEFT's modules_to_save, e.g. the vision tower and projector):
+    each tensor must belong to a listed module and match the base's parameter of the same name and shape."""
+    parameters = {name: tuple(p.shape) for name, p in loaded.model.named_parameters()}
+    for name, shape in saved.items():
+        if not any(f".{module}." in f".{name}" for module in modules_to_save):
+            raise AdapterMismatch(f"The adapter in {folder} holds {name}, neither a LoRA matrix nor a module to save.")
+        if parameters.get(name) != shape:
+            found = f"has with shape {list(parameters[name])}" if name in parameters else "does not have"
+            raise AdapterMismatch(
+                f"The adapter in {folder} replaces {name} with shape {list(shape)}, which {loaded.model_ref} {found}."
+            )
 
 
 def _check_module_shape(loaded: LoadedModel, folder: Path, name: str, part: str, shape: tuple[int, ...]) -> None:
@@ -167,21 +185,26 @@ def _check_module_shape(loaded: LoadedModel, folder: Path, name: str, part: str,
         )
 
 
-def _lora_shapes(weights: Path) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(module name, "A" or "B", shape) for each LoRA matrix in the file, read from its header only."""
+def _adapter_tensors(
+    weights: Path,
+) -> tuple[list[tuple[str, str, tuple[int, ...]]], dict[str, tuple[int, ...]]]:
+    """From the file's header only: (module, "A" or "B", shape) per LoRA matrix, and the other tensors (whole
+    modules saved beside the LoRA) by their name in the base model."""
     from safetensors import safe_open
 
-    shapes = []
+    lora: list[tuple[str, str, tuple[int, ...]]] = []
+    saved: dict[str, tuple[int, ...]] = {}
     with safe_open(str(weights), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-            match = _LORA_KEY.match(key)
-            if match is None:
-                raise AdapterMismatch(f"{weights} holds {key}, which is not a LoRA matrix this loader understands.")
             shape = tuple(handle.get_slice(key).get_shape())
-            shapes.append((match["module"], match["part"], shape))
-    if not shapes:
+            match = _LORA_KEY.match(key)
+            if match is not None:
+                lora.append((match["module"], match["part"], shape))
+            else:
+                saved[key.removeprefix("base_model.model.")] = shape
+    if not lora:
         raise AdapterMismatch(f"{weights} holds no LoRA weights.")
-    return shapes
+    return lora, saved
 
 
 def _ref_hash(model_ref: str) -> str:

@@ -1,0 +1,137 @@
+"""Adapter training with a real (tiny, random) LLaVA model and real VQA-RAD images."""
+
+# ruff: noqa: F811 - fixtures imported from tests/model_factory.py are test parameters by design
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import PeftModel
+
+from medvqa.cli import main
+from medvqa.model.adapters import LoraSettings, load_adapter
+from medvqa.model.generation import build_inputs
+from medvqa.model.loading import load_vlm
+from medvqa.model.prompts import load_prompt
+from medvqa.training.collate import IGNORE_INDEX, AnswerCollator, load_rgb
+from medvqa.training.data import load_vqa_jsonl
+from medvqa.training.train import TRAIN_RECORD, TrainSettings, train_adapter
+from tests.model_factory import tiny_checkpoints, torch_single_thread  # noqa: F401 - pytest fixtures
+
+IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa-rad" / "images"
+ROWS = [
+    ("Is there a fracture?", "no"),
+    ("Is this an MRI?", "yes"),
+    ("Where is the lesion?", "  left lung "),
+    ("Which organ is shown?", "liver"),
+]
+LORA = LoraSettings(r=4, alpha=8, dropout=0.1)
+QUICK = TrainSettings(max_steps=3, batch_size=2, learning_rate=1e-3)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    if not IMAGES.is_dir():
+        pytest.skip(f"VQA-RAD images not found at {IMAGES}")
+    images = sorted(IMAGES.glob("*.jpg"))[:4]
+    lines = [
+        {"qid": str(i), "image": str(image), "question": q, "answer": a}
+        for i, ((q, a), image) in enumerate(zip(ROWS, images, strict=True))
+    ]
+    path = tmp_path / "mini.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_settings_refuse_bad_values():
+    for bad in ({"epochs": 0}, {"learning_rate": -1.0}, {"batch_size": 0}, {"max_steps": 0}, {"warmup_ratio": 1.0}):
+        with pytest.raises(ValueError):
+            TrainSettings(**bad)
+
+
+def test_labels_cover_exactly_the_answer_and_its_end_marker(data_file, tiny_checkpoints):
+    loaded = load_vlm(tiny_checkpoints("llava"), device="cpu", dtype="float32")
+    template = load_prompt()
+    collator = AnswerCollator(loaded.processor, template)
+    examples = load_vqa_jsonl(data_file)
+    batch = collator(examples)
+    tokenizer = loaded.processor.tokenizer
+    assert collator.end_marker == tokenizer.eos_token
+    for row, example in enumerate(examples):
+        labels = batch["labels"][row]
+        kept = labels[labels != IGNORE_INDEX]
+        assert tokenizer.decode(kept).strip() == example.answer.strip() + collator.end_marker
+        # the masked prompt is token for token what answering feeds the model
+        prompt = build_inputs(loaded, template, load_rgb(example.image_path), example.question)["input_ids"][0]
+        assert torch.equal(batch["input_ids"][row, : len(prompt)], prompt)
+        assert bool((labels[: len(prompt)] == IGNORE_INDEX).all()) and labels[len(prompt)] != IGNORE_INDEX
+
+
+def test_training_lowers_the_loss_and_writes_a_record(data_file, tiny_checkpoints, tmp_path):
+    settings = TrainSettings(max_steps=24, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, train_vision=False)
+    result = train_adapter(tiny_checkpoints("llava"), data_file, tmp_path / "out", LORA, settings, progress=False)
+    record = json.loads((tmp_path / "out" / TRAIN_RECORD).read_text())
+    losses = record["loss_history"]
+    assert result.steps == 24 and len(losses) == 24
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert record["result"]["adapter_sha256"] == result.adapter_sha256 and record["seed"] == 0
+    assert record["base_model_ref"] == load_vlm(tiny_checkpoints("llava"), device="cpu").model_ref
+    assert len(record["data_sha256"]) == 64 and {"torch", "transformers", "peft"} <= set(record["versions"])
+
+
+def test_same_seed_same_adapter_other_seed_other_adapter(data_file, tiny_checkpoints, tmp_path):
+    base = tiny_checkpoints("llava")
+    digests = [
+        train_adapter(
+            base,
+            data_file,
+            tmp_path / f"run{i}",
+            LORA,
+            TrainSettings(max_steps=3, batch_size=2, seed=seed),
+            progress=False,
+        ).adapter_sha256
+        for i, seed in enumerate((0, 0, 1))
+    ]
+    assert digests[0] == digests[1] != digests[2]
+
+
+def _logits(model, loaded, example):
+    inputs = build_inputs(loaded, load_prompt(), load_rgb(example.image_path), example.question)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_saved_adapter_reproduces_the_trained_model(data_file, tiny_checkpoints, tmp_path, train_vision):
+    base = tiny_checkpoints("llava")
+    settings = TrainSettings(max_steps=3, batch_size=2, learning_rate=1e-2, train_vision=train_vision)
+    result = train_adapter(base, data_file, tmp_path / "out", LORA, settings, progress=False)
+    example = load_vqa_jsonl(data_file)[0]
+    fresh = load_vlm(base, device="cpu", dtype="float32")
+    untrained = _logits(fresh.model, fresh, example)
+    reloaded = load_adapter(fresh, result.adapter_dir).model  # with train_vision, the tower rides in the file
+    trained = PeftModel.from_pretrained(load_vlm(base, device="cpu", dtype="float32").model, str(result.adapter_dir))
+    logits = _logits(reloaded, fresh, example)
+    assert not torch.allclose(logits, untrained, atol=1e-4)
+    assert torch.allclose(logits, _logits(trained.eval(), fresh, example), atol=1e-5)
+
+
+def test_cli_trains_and_refuses_bad_data_in_one_line(db, cli_env, data_file, tiny_checkpoints, tmp_path):
+    model = tiny_checkpoints("llava")
+    args = ["train", "--data", data_file, "--output", tmp_path / "cli", "--model", model, "--max-steps", 2]
+    result = CliRunner().invoke(main, [*map(str, args), "--batch-size", "2", "--rank", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["steps"] == 2 and len(report["adapter_sha256"]) == 64
+    assert {"adapter_dir", "train_loss", "samples_per_second", "seconds"} <= set(report)
+    assert (Path(report["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    bad = CliRunner().invoke(
+        main, ["train", "--data", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x"), "--model", str(model)]
+    )
+    assert bad.exit_code == 1 and bad.stderr.startswith("medvqa: error:") and "bad.jsonl line 1" in bad.stderr
+    assert bad.stderr.count("\n") == 1
