@@ -111,13 +111,18 @@ def build_inputs(loaded: LoadedModel, template: PromptTemplate, image: Image, qu
             return_tensors="pt",
             processor_kwargs={"images": [image]},
         )
-    else:  # e.g. PaliGemma ships no chat template: image token, instructions, question, one per line
+    else:  # e.g. PaliGemma ships no chat template
         messages = build_messages(template, question, system_role=False, reserved=reserved)
-        texts = [item["text"] for item in messages[0]["content"] if item["type"] == "text"]
-        prompt = getattr(processor, "image_token", "") + "\n".join(texts)
-        inputs = processor(text=prompt, images=[image], return_tensors="pt")
+        inputs = processor(text=plain_prompt(processor, messages), images=[image], return_tensors="pt")
     inputs.pop("labels", None)  # PaliGemma adds training labels; generation must not get them
     return inputs.to(loaded.model.device, dtype=loaded.model.dtype)
+
+
+def plain_prompt(processor: Any, messages: list[dict[str, Any]]) -> str:
+    """The prompt for a processor without a chat template: its image token, then the user turn's text items
+    (instructions, question) one per line. Training renders its prompts through this too."""
+    texts = [item["text"] for item in messages[0]["content"] if item["type"] == "text"]
+    return str(getattr(processor, "image_token", "")) + "\n".join(texts)
 
 
 def accepts_system_role(processor: Any, template: PromptTemplate) -> bool:

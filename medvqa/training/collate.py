@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medvqa.errors import InvalidInput, ModelError
-from medvqa.model.generation import accepts_system_role, reserved_tokens
+from medvqa.model.generation import accepts_system_role, plain_prompt, reserved_tokens
 from medvqa.model.prompts import PromptTemplate, build_messages
 
 if TYPE_CHECKING:
@@ -77,9 +77,8 @@ class AnswerCollator:
         messages = build_messages(self.template, example.question, system_role=self.system_role, reserved=self.reserved)
         if self.chat:
             prompt = str(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        else:  # as build_inputs does for processors without a chat template
-            texts = [item["text"] for item in messages[0]["content"] if item["type"] == "text"]
-            prompt = getattr(self.processor, "image_token", "") + "\n".join(texts)
+        else:
+            prompt = plain_prompt(self.processor, messages)
         separator = "" if prompt[-1:].isspace() else " "
         return prompt, prompt + separator + example.answer.strip() + self.end_marker
 
