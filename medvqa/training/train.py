@@ -43,18 +43,23 @@ class TrainSettings:
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; -1 means use epochs."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Share of the steps spent warming up, in [0, 1)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (>=0)."})
+    dataloader_workers: int = field(
+        default=0, metadata={"help": "Processes preparing batches (0: the training process does it)."}
+    )
     train_vision: bool = field(
         default=True,
         metadata={"help": "Also train the vision tower and projector in full (PEFT modules_to_save)."},
     )
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "gradient_accumulation", "seed", "max_steps"):
+        for name in ("batch_size", "gradient_accumulation", "seed", "max_steps", "dataloader_workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, not {value!r}")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ValueError("batch_size and gradient_accumulation must be at least 1")
+        if self.dataloader_workers < 0:
+            raise ValueError(f"dataloader_workers must be >= 0, not {self.dataloader_workers}")
         if self.seed < 0 or (self.max_steps < 1 and self.max_steps != -1):
             raise ValueError(f"seed must be >= 0 and max_steps -1 or positive, not {self.seed}, {self.max_steps}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
@@ -108,7 +113,7 @@ def train_adapter(
     model = _attach(loaded.model, lora, settings.train_vision)
     collator = AnswerCollator(loaded.processor, load_prompt(DEFAULT_PROMPT_VERSION))
     with tempfile.TemporaryDirectory(prefix="medvqa-train-") as scratch:
-        trainer = _trainer(model, VQADataset(examples), collator, settings, Path(scratch), progress)
+        trainer = trainer_for(model, VQADataset(examples), collator, settings, Path(scratch), progress)
         outcome = trainer.train()
     output.mkdir(parents=True, exist_ok=True)
     digest = save_adapter(trainer.model, output) if trainer.is_world_process_zero() else ""  # rank 0 writes
@@ -146,15 +151,20 @@ def _attach(model: Any, lora: LoraSettings, train_vision: bool) -> PeftModel:
     return peft_model
 
 
-def _trainer(
-    model: PeftModel,
+def trainer_for(
+    model: Any,
     dataset: VQADataset,
     collator: AnswerCollator,
     settings: TrainSettings,
     scratch: Path,
     progress: bool,
+    optimizer: Any = None,
 ) -> Any:
-    """A Trainer configured for reproducible adapter training: no checkpoints, no reporting."""
+    """A Trainer configured for reproducible training: no checkpoints, no reporting.
+
+    `optimizer` (with its own parameter groups and learning rates) replaces the Trainer's AdamW; the Trainer
+    still builds the warmup + linear decay schedule around it.
+    """
     import torch
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
@@ -177,10 +187,12 @@ def _trainer(
         report_to="none",
         disable_tqdm=not progress,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=settings.dataloader_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, optimizers=(optimizer, None)
+    )
     if not progress:  # without tqdm the Trainer prints each log line; keep stdout clean for --json
         trainer.remove_callback(PrinterCallback)
     return trainer
