@@ -29,6 +29,7 @@ from medvqa.model.default_model import (
     ensure_base_model,
 )
 from medvqa.model.default_processor import ANSWER_END, IMAGE_TOKEN, PAD_TOKEN
+from medvqa.model.default_weights import ensure_default_model
 
 IMAGE = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa-rad" / "images" / "synpic100132.jpg"
 
@@ -366,3 +367,46 @@ def test_image_tokens_match_the_vision_tower(text_checkpoint: Path, tmp_path: Pa
     image_tokens = int((inputs["input_ids"] == loaded.model.config.image_token_id).sum())
     assert image_tokens == image_features(loaded, inputs["pixel_values"]) == config.image_token_count
     assert len(answer) >= 1
+
+
+@pytest.mark.slow
+def test_ensure_default_model_without_a_package_is_the_untrained_base(
+    vlm: Loaded, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    home = vlm.folder.parents[1]
+    with caplog.at_level("WARNING"):
+        assert ensure_default_model(home, weights=tmp_path / "no-package") == vlm.folder
+    assert "untrained default model" in caplog.text
+
+
+@pytest.mark.slow
+def test_ensure_default_model_folds_a_package_once_and_refuses_another_source(vlm: Loaded, tmp_path: Path) -> None:
+    from medvqa.model.adapters import LoraSettings, attach_lora
+    from medvqa.model.loading import load_vlm
+    from medvqa.training.default_recipe import package_weights
+
+    home = vlm.folder.parents[1]
+    loaded = load_vlm(vlm.folder, device="cpu", dtype="float32")
+    peft_model = attach_lora(loaded.model, LoraSettings(r=2, alpha=4))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.fill_(0.01)
+    package_weights(peft_model, tmp_path / "pkg")
+    (tmp_path / "pkg" / "recipe.json").write_text(json.dumps({"text_source": {"source_sha256": "ab" * 32}}))
+
+    with pytest.raises(ModelBuildError, match="trained on SmolLM2 file abababababab"):
+        ensure_default_model(home, weights=tmp_path / "pkg")
+    source = json.loads((vlm.folder / "medvqa_default_model.json").read_text())["text_source"]["source_sha256"]
+    (tmp_path / "pkg" / "recipe.json").write_text(json.dumps({"text_source": {"source_sha256": source}}))
+    trained = ensure_default_model(home, weights=tmp_path / "pkg")
+    assert trained != vlm.folder and trained.name.startswith("medvqa-default-trained-")
+    before = (trained / "model.safetensors").stat().st_mtime_ns
+    assert ensure_default_model(home, weights=tmp_path / "pkg") == trained  # built once
+    assert (trained / "model.safetensors").stat().st_mtime_ns == before
+    record = json.loads((trained / "medvqa_trained_from.json").read_text())
+    assert record["base_model_ref"] == loaded.model_ref and len(record["package_sha256"]) == 64
+    folded = load(trained)
+    base_q = dict(vlm.model.named_parameters())["model.language_model.layers.0.self_attn.q_proj.weight"]
+    folded_q = dict(folded.model.named_parameters())["model.language_model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(base_q, folded_q)  # the LoRA was merged into the language model

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from medvqa.errors import InvalidInput, ModelBuildError
 from medvqa.model.adapters import LoraSettings, attach_lora
+from medvqa.model.default_weights import apply_packaged_weights, vision_modules
 from medvqa.model.generation import build_inputs
 from medvqa.model.loading import load_vlm
 from medvqa.model.prompts import load_prompt
@@ -24,12 +25,10 @@ from medvqa.training.default_recipe import (
     RECIPE_RECORD,
     VISION_WEIGHTS,
     RecipeSettings,
-    apply_packaged_weights,
     holdout_split,
     main,
     package_weights,
     train_default_weights,
-    vision_modules,
 )
 from medvqa.training.metrics import normalize_answer
 from tests.model_factory import sample_image, tiny_checkpoints, torch_single_thread  # noqa: F401 - fixtures

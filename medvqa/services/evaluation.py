@@ -22,9 +22,9 @@ def base_model_path(settings: Settings) -> Path:
     """The checkpoint the workbench answers with: MEDVQA_BASE_MODEL, else the default model (built if absent)."""
     if settings.base_model is not None:
         return settings.base_model
-    from medvqa.model.default_model import ensure_base_model
+    from medvqa.model.default_weights import ensure_default_model
 
-    return ensure_base_model(settings.home)
+    return ensure_default_model(settings.home)
 
 
 def adapter_folder(db: Database, adapter: str | None) -> Path | None:

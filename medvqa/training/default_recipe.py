@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from medvqa.errors import InvalidInput, ModelBuildError
 from medvqa.model.adapters import LoraSettings, attach_lora, save_adapter
+from medvqa.model.default_weights import LORA_FOLDER, RECIPE_RECORD, VISION_WEIGHTS, vision_modules
 from medvqa.model.loading import load_vlm
 from medvqa.model.prompts import DEFAULT_PROMPT_VERSION, load_prompt
 from medvqa.training.collate import AnswerCollator
@@ -43,12 +44,6 @@ from medvqa.training.train import TrainSettings, VQADataset, trainer_for
 
 if TYPE_CHECKING:
     import torch
-
-VISION_WEIGHTS = "vision.safetensors"
-LORA_FOLDER = "lora"
-RECIPE_RECORD = "recipe.json"
-# Submodules of LlavaModel (transformers 5) that stage 1 trains and the package carries.
-VISION_PARTS = ("vision_tower", "multi_modal_projector")
 
 
 @dataclass(frozen=True)
@@ -105,13 +100,6 @@ def holdout_split(
     train = [e for e in examples if (e.image_path.name, normalize_answer(e.answer)) not in held]
     validation = [e for e in examples if (e.image_path.name, normalize_answer(e.answer)) in held]
     return train, validation
-
-
-def vision_modules(model: Any) -> dict[str, torch.nn.Module]:
-    """The LLaVA's vision tower and projector by name, whether or not the model is wrapped by PEFT."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    llava = inner.model
-    return {name: getattr(llava, name) for name in VISION_PARTS}
 
 
 def train_default_weights(
@@ -264,30 +252,6 @@ def _halve_adapter(lora_dir: Path) -> None:
     weights = lora_dir / "adapter_model.safetensors"
     tensors = {name: _to_float16(name, tensor) for name, tensor in load_file(str(weights)).items()}
     save_file(tensors, str(weights), metadata={"format": "pt"})
-
-
-def apply_packaged_weights(model: Any, weights: Path) -> Any:
-    """Load `vision.safetensors` into `model`'s tower and projector, then merge `lora/` into its language model.
-
-    Returns the merged plain model (no PEFT wrapper). Shapes and names must match exactly.
-    """
-    import torch
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(weights / VISION_WEIGHTS))
-    for part, module in vision_modules(model).items():
-        prefix = f"{part}."
-        state = {name[len(prefix) :]: t.to(torch.float32) for name, t in tensors.items() if name.startswith(prefix)}
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ModelBuildError(f"{weights / VISION_WEIGHTS} does not fit this model's {part}: {exc}") from None
-    try:
-        with_lora = PeftModel.from_pretrained(model, str(weights / LORA_FOLDER), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelBuildError(f"The LoRA in {weights / LORA_FOLDER} does not fit the default model: {exc}") from None
-    return with_lora.merge_and_unload()
 
 
 def _validate(peft_model: Any, loaded: Any, validation: list[VQAExample]) -> dict[str, Any]:
