@@ -30,6 +30,7 @@ class Action(enum.StrEnum):
     USER_CREATE = "user:account:create"
     USER_DISABLE = "user:account:disable"
     SESSION_LOGIN = "auth:session:login"
+    SESSION_LOGOUT = "auth:session:logout"
     STUDY_IMPORT = "study:study:import"
     STUDY_LIST = "study:study:list"
     STUDY_VIEW = "study:study:view"
@@ -41,6 +42,7 @@ class Action(enum.StrEnum):
     REVIEW_SIGN = "answer:review:sign"
     DATASET_SNAPSHOT = "training:dataset:snapshot"
     ROUND_RUN = "training:round:run"
+    ADAPTER_READ = "model:adapter:read"
     ADAPTER_PROMOTE_REQUEST = "model:adapter:request_promotion"
     ADAPTER_PROMOTE_APPROVE = "model:adapter:approve_promotion"
     ADAPTER_ROLLBACK = "model:adapter:rollback"
@@ -56,6 +58,7 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.USER_CREATE: frozenset({_ADM}),
     Action.USER_DISABLE: frozenset({_ADM}),
     Action.SESSION_LOGIN: frozenset({_C, _R, _M, _A, _ADM}),
+    Action.SESSION_LOGOUT: frozenset({_C, _R, _M, _A, _ADM}),
     Action.STUDY_IMPORT: frozenset({_C, _ADM}),
     Action.STUDY_LIST: frozenset({_C, _R, _M, _A, _ADM}),  # de-identified metadata only
     Action.STUDY_VIEW: frozenset({_C, _R}),
@@ -67,6 +70,7 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.REVIEW_SIGN: frozenset({_R}),
     Action.DATASET_SNAPSHOT: frozenset({_M}),
     Action.ROUND_RUN: frozenset({_M}),
+    Action.ADAPTER_READ: frozenset({_M, _ADM}),
     Action.ADAPTER_PROMOTE_REQUEST: frozenset({_M}),
     Action.ADAPTER_PROMOTE_APPROVE: frozenset({_ADM}),
     Action.ADAPTER_ROLLBACK: frozenset({_M, _ADM}),

@@ -276,6 +276,130 @@ def train_command(
     _emit(as_json, result.as_dict(), text)
 
 
+def _signed_in(database: Database, username: str) -> Actor:
+    """The named account, after its password (prompt, or the first line of standard input) matches."""
+    from medvqa.services.users import authenticate
+
+    if sys.stdin.isatty():
+        password = str(click.prompt(f"Password for {username}", hide_input=True))
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise MedVQAError("no password on standard input (give it on the first line)")
+    return authenticate(database, username, password)
+
+
+_user_option = click.option(
+    "--user",
+    "username",
+    required=True,
+    envvar="MEDVQA_USER",
+    help="Account that asks or rates (clinician or reviewer); password from a prompt or stdin. Env: MEDVQA_USER.",
+)
+
+
+@main.command("ask")
+@click.option("--study", required=True, help="Study UID (or id) from `medvqa studies list`.")
+@click.option("--question", required=True, help="The question, in plain words.")
+@click.option("--series", help="Series UID (or id); default: the study's first series.")
+@click.option("--slice", "slice_index", type=click.IntRange(min=0), help="Slice number; default: the key slice.")
+@click.option("--window", help="Window preset (ct_lung, ct_bone, ...), 'auto' or 'default'.")
+@click.option("--question-type", default="", help="PRES, POS, MODALITY, PLANE, SIZE, ABN... (stored with it).")
+@_user_option
+@_json_option
+def ask_command(
+    study: str,
+    question: str,
+    series: str | None,
+    slice_index: int | None,
+    window: str | None,
+    question_type: str,
+    username: str,
+    as_json: bool,
+) -> None:
+    """Ask a question about a study's image; the answer is stored with its provenance and printed."""
+    from medvqa.config import load_settings
+    from medvqa.services.ask import ImageChoice, ask, load_answering_model
+    from medvqa.services.queries import series_id_for, study_id_for
+
+    database, settings = _open_database(), load_settings()
+    actor = _signed_in(database, username)
+    study_id = study_id_for(database, study)
+    series_id = series_id_for(database, study_id, series) if series else None
+    choice = ImageChoice(series_id=series_id, slices=slice_index, window=window)
+    model = load_answering_model(database, settings)
+    result = ask(database, actor, settings, model, study_id, question, choice, question_type.upper())
+    payload = {"answer_id": result.answer_id, "question": question, "answer": result.text}
+    payload |= {"confidence": result.confidence, "provenance": result.provenance()}
+    confidence = "-" if result.confidence is None else f"{result.confidence:.2f}"
+    text = f"answer {result.answer_id}: {result.text}\nconfidence {confidence}; model {result.model_ref}"
+    _emit(as_json, payload, text)
+
+
+@main.command("feedback")
+@click.argument("answer_id", type=int)
+@click.option("--verdict", required=True, type=click.Choice(["correct", "partial", "incorrect"]))
+@click.option("--correction", help="The right answer, when the model's was wrong or partly right.")
+@click.option("--comment", help="Free-text comment.")
+@click.option(
+    "--key",
+    "idempotency_key",
+    help="Idempotency key; default: derived from the submission, so a rerun of the same command stores one record.",
+)
+@_user_option
+@_json_option
+def feedback_command(
+    answer_id: int,
+    verdict: str,
+    correction: str | None,
+    comment: str | None,
+    idempotency_key: str | None,
+    username: str,
+    as_json: bool,
+) -> None:
+    """Rate answer ANSWER_ID. Feedback is append-only; repeating the same submission stores nothing new."""
+    import hashlib
+
+    from medvqa.services.feedback import FeedbackInput, give_feedback
+
+    database = _open_database()
+    actor = _signed_in(database, username)
+    body = json.dumps([actor.name, answer_id, verdict, correction, comment])
+    key = idempotency_key or "cli:" + hashlib.sha256(body.encode()).hexdigest()
+    item = FeedbackInput(answer_id, verdict, key, correction=correction, comment=comment)
+    result = give_feedback(database, actor, item)
+    row = result.feedback
+    payload = {"feedback_id": row.id, "answer_id": answer_id, "verdict": verdict, "created": result.created}
+    state = "recorded" if result.created else "already recorded"
+    _emit(as_json, payload, f"feedback {row.id} on answer {answer_id} {state}: {verdict}")
+
+
+@main.command("workbench")
+@click.option("--no-browser", is_flag=True, help="Do not open a browser tab (server use).")
+def workbench_command(no_browser: bool) -> None:
+    """Start the Streamlit workbench. Streamlit's own settings apply (STREAMLIT_SERVER_PORT,
+    STREAMLIT_SERVER_ADDRESS, .streamlit/config.toml, ...)."""
+    _open_database()  # fail here, in one line, rather than inside the app
+    _run_workbench(headless=no_browser)
+
+
+def _run_workbench(headless: bool) -> NoReturn:
+    """Replace this process with `streamlit run workbench/app.py`: one process, so stopping it stops the app,
+    and Streamlit reads its own settings (STREAMLIT_* variables, .streamlit/config.toml) as usual."""
+    import os
+
+    from workbench import APP_PATH
+
+    env = dict(os.environ)
+    if headless:
+        env.setdefault("STREAMLIT_SERVER_HEADLESS", "true")
+    env.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")  # nothing leaves the hospital
+    env.setdefault("STREAMLIT_CLIENT_TOOLBAR_MODE", "viewer")  # no developer menu (no "Deploy") for users
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "streamlit", "run", str(APP_PATH)], env)
+
+
 @main.group()
 def audit() -> None:
     """Inspect the audit trail."""
@@ -313,9 +437,11 @@ def audit_verify(strict: bool, as_json: bool) -> None:
 
 
 @main.command()
-def demo() -> None:
+@click.option("--no-app", is_flag=True, help="Set everything up but do not start the workbench.")
+@click.option("--no-browser", is_flag=True, help="Start the workbench without opening a browser tab.")
+def demo(no_app: bool, no_browser: bool) -> None:
     """Set up the embedded default: SQLite under MEDVQA_HOME, one demo account per role, and the
-    VQA-RAD teaching images as de-identified demo studies (MEDVQA_DEMO_DATA)."""
+    VQA-RAD teaching images as de-identified demo studies (MEDVQA_DEMO_DATA); then start the workbench."""
     from sqlalchemy import select
 
     from medvqa.config import load_settings
@@ -334,7 +460,10 @@ def demo() -> None:
     click.echo(f"database: {database.engine.url.render_as_string(hide_password=True)}")
     click.echo(f"demo accounts (password {DEMO_PASSWORD!r}): " + ", ".join(f"{u} ({r})" for u, r in DEMO_USERS.items()))
     _import_demo_studies(database, settings)
-    click.echo("The workbench app is not built yet: the database, accounts and studies above are ready for it.")
+    if no_app:
+        return
+    click.echo("starting the workbench (Ctrl+C stops it)")
+    _run_workbench(headless=no_browser)
 
 
 def _import_demo_studies(database: Database, settings: Any) -> None:

@@ -70,9 +70,38 @@ class Settings(BaseSettings):
         "default model under MEDVQA_HOME/models (built from SmolLM2 on first use).",
     )
     device: str = Field(default="auto", description="auto (CUDA with bfloat16 when present), cpu, or cuda[:N].")
+    workbench_idle_timeout_minutes: int = Field(
+        default=15,
+        ge=1,
+        le=24 * 60,
+        description="Minutes without interaction after which the workbench signs a user out (checked on the server).",
+    )
     demo_data: Path | None = Field(
         default=None,
         description="VQA-RAD folder for `medvqa demo`; default: shared/data/vqa-rad beside the checkout.",
+    )
+    locked_test_set: Path | None = Field(
+        default=None,
+        description="VQA jsonl every fine-tuning round is scored on (never trained on); rounds refuse to run "
+        "without it. Rows may carry `patient` (pseudonym) for the leak check; else image pixel hashes stand in.",
+    )
+    round_min_examples: int = Field(
+        default=50, ge=1, description="A round refuses to run on a snapshot with fewer reviewed examples."
+    )
+    round_validation_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Share of a snapshot's patients held out as the round's validation."
+    )
+    round_base_data: Path | None = Field(
+        default=None, description="Optional VQA jsonl mixed into every round's training data (e.g. VQA-RAD train)."
+    )
+    round_gate_max_overall_drop: float = Field(
+        default=0.0, ge=0, le=1, description="Gate: most the overall test accuracy may drop (fraction; 0 = none)."
+    )
+    round_gate_max_subgroup_drop: float = Field(
+        default=0.02, ge=0, le=1, description="Gate: most any question type, organ, closed or open may drop."
+    )
+    round_gate_min_subgroup_questions: int = Field(
+        default=10, ge=1, description="Gate: subgroups with fewer test questions are reported, not gated."
     )
 
     @classmethod

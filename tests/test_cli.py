@@ -80,7 +80,7 @@ def test_demo_sets_up_the_embedded_default_and_can_run_twice(monkeypatch, tmp_pa
     for name in ("MEDVQA_DATABASE_URL", "MEDVQA_AUDIT_ANCHOR"):
         monkeypatch.delenv(name, raising=False)
     for _ in range(2):
-        result = run("demo")
+        result = run("demo", "--no-app")
         assert result.exit_code == 0, result.output
     listing = json.loads(run("users", "list", "--json").stdout)["users"]
     assert {u["username"]: u["role"] for u in listing} == DEMO_USERS

@@ -68,9 +68,9 @@ def test_demo_command_imports_the_studies_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDVQA_DEMO_DATA", str(fake_vqa_rad(tmp_path / "vqa")))
     for name in ("MEDVQA_DATABASE_URL", "MEDVQA_AUDIT_ANCHOR"):
         monkeypatch.delenv(name, raising=False)
-    first = CliRunner().invoke(main, ["demo"])
+    first = CliRunner().invoke(main, ["demo", "--no-app"])
     assert first.exit_code == 0 and "demo studies: 3 imported" in first.stdout
-    second = CliRunner().invoke(main, ["demo"])
+    second = CliRunner().invoke(main, ["demo", "--no-app"])
     assert "0 imported, 3 already there" in second.stdout
     listing = json.loads(CliRunner().invoke(main, ["studies", "list", "--json"]).stdout)["studies"]
     assert sorted(s["modality"] for s in listing) == ["DX", "MR", "OT"] and all(s["held"] == 0 for s in listing)
@@ -81,5 +81,5 @@ def test_demo_without_data_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDVQA_DEMO_DATA", str(tmp_path / "missing"))
     monkeypatch.delenv("MEDVQA_DATABASE_URL", raising=False)
     monkeypatch.delenv("MEDVQA_AUDIT_ANCHOR", raising=False)
-    result = CliRunner().invoke(main, ["demo"])
+    result = CliRunner().invoke(main, ["demo", "--no-app"])
     assert result.exit_code == 0 and "VQA-RAD not found" in result.stderr

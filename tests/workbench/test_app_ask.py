@@ -1,0 +1,158 @@
+"""The Ask page through AppTest, with the tiny LLaVA and a real SQLite database."""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import func, select
+
+from medvqa.db import Adapter, Answer, Feedback
+from tests.workbench.apptest import errors, signed_in
+
+
+def by_label(app, label):
+    return next(button for button in app.button if button.label == label)
+
+
+def ask_about_slice(app, question="Is there a fracture?"):
+    app.run()
+    app.text_input(key="question").input(question)
+    app.button(key="ask").click()
+    return app.run()
+
+
+def test_ask_shows_the_answer_as_plain_text_with_confidence_image_and_provenance(db, app_env, ct_study, clinician):
+    app = ask_about_slice(signed_in(clinician))
+    assert not app.exception and not errors(app)
+    result = app.session_state["answer"]
+    with db.read_session() as session:
+        stored = session.get(Answer, result.answer_id)
+    assert stored.text == result.text and stored.preprocess_hash == result.preprocess_hash
+    assert result.selection["slices"] == [1]  # the slider starts on the middle slice of three
+    assert result.text in [element.value for element in app.text]  # st.text: shown as plain text
+    provenance = app.json[0].value
+    assert all(key in provenance for key in ("model", "adapter", "prompt_version", "preprocess_hash", "latency_ms"))
+    assert any("the exact image the model saw" in str(image.proto) for image in app.get("image"))
+    if result.confidence is not None:
+        assert app.get("progress")[0].proto.value == round(result.confidence * 100)
+
+
+def test_moving_the_slice_and_window_changes_what_is_asked_about(db, app_env, ct_study, clinician):
+    app = signed_in(clinician).run()
+    app.slider(key=f"slice_{ct_study[1]}").set_value(2)
+    app.selectbox(key="window_name").set_value("manual").run()
+    app.number_input(key="window_width").set_value(123.0)
+    app.text_input(key="question").input("Is it normal?")
+    app.button(key="ask").click().run()
+    selection = app.session_state["answer"].selection
+    assert selection["slices"] == [2] and selection["window"]["width"] == 123.0
+
+
+def test_templates_and_chosen_slices(db, app_env, ct_study, clinician):
+    app = signed_in(clinician).run()
+    app.radio(key="scope").set_value("chosen slices").run()
+    app.multiselect(key="slices").set_value([0, 2])
+    app.selectbox(key="template").set_value("PRES").run()
+    app.button(key="ask").click().run()
+    assert errors(app) == ["the presence question needs a finding, e.g. 'a fracture'"]
+    app.text_input(key="finding").input("a fracture")
+    app.button(key="ask").click().run()
+    result = app.session_state["answer"]
+    assert result.question == "Is there a fracture in this image?" and result.question_type == "PRES"
+    assert result.selection["kind"] == "montage" and result.selection["slices"] == [0, 2]
+
+
+def test_rating_is_one_record_even_when_submitted_twice(db, app_env, ct_study, clinician):
+    app = ask_about_slice(signed_in(clinician))
+    answer_id = app.session_state["answer"].answer_id
+    app.radio[-1].set_value("partial")
+    app.text_input[-1].input("a hairline fracture")
+    by_label(app, "Submit rating").click().run()
+    assert app.session_state[f"feedback_done_{answer_id}"]
+    assert any("Your rating is recorded" in element.value for element in app.success)
+    app.run()  # a rerun stores nothing new
+    # a double click: the same form submitted again before the page showed the first result
+    del app.session_state[f"feedback_done_{answer_id}"]
+    app.run()
+    app.radio[-1].set_value("partial")
+    app.text_input[-1].input("a hairline fracture")
+    by_label(app, "Submit rating").click().run()
+    assert not errors(app)
+    with db.read_session() as session:
+        rows = session.scalars(select(Feedback)).all()
+    assert [(row.answer_id, row.verdict.value, row.correction) for row in rows] == [
+        (answer_id, "partial", "a hairline fracture")
+    ]
+
+
+def test_study_search_filters_the_list(db, app_env, ct_study, clinician):
+    app = signed_in(clinician).run()
+    app.text_input(key="f_text").input("no-such-study").run()
+    assert "No study matches" in app.info[0].value
+    app.text_input(key="f_text").input("").run()
+    app.selectbox(key="f_modality").set_value("CT").run()
+    assert app.selectbox(key="study_id").value == ct_study[0]
+
+
+def test_held_series_blocks_asking_with_a_reason(db, app_env, settings, tmp_path, clinician):
+    from tests.workbench.conftest import import_ct
+
+    import_ct(db, settings, tmp_path / "us", count=1, modality="US")
+    app = signed_in(clinician).run()
+    app.selectbox(key="f_modality").set_value("US").run()
+    assert "wait for a reviewer's burned-in text check" in app.warning[0].value
+    app.text_input(key="question").input("Is there a fracture?")
+    app.button(key="ask").click().run()
+    assert any("reviewer must confirm them first" in message for message in errors(app))
+    with db.read_session() as session:
+        assert session.scalar(select(func.count(Answer.id))) == 0
+
+
+def test_model_output_is_never_rendered_as_markdown(db, app_env, ct_study, clinician, monkeypatch):
+    from medvqa.model import generation
+
+    real = generation.answer
+
+    def shouting(*args, **kwargs):
+        import dataclasses
+
+        return dataclasses.replace(real(*args, **kwargs), text="**bold** <script>alert(1)</script>")
+
+    monkeypatch.setattr(generation, "answer", shouting)
+    app = ask_about_slice(signed_in(clinician))
+    assert "**bold** <script>alert(1)</script>" in [element.value for element in app.text]
+    assert not any("<script>" in element.value for element in app.markdown)
+    assert np.asarray(app.session_state["answer"].image).shape == (384, 384, 3)
+
+
+def test_a_thumbnail_click_moves_the_slice_and_a_new_study_hides_the_old_answer(db, app_env, ct_study, clinician):
+    app = ask_about_slice(signed_in(clinician))
+    assert app.session_state["answer"].study_id == ct_study[0]
+    app.button(key=f"thumb_{ct_study[1]}_0").click().run()
+    assert app.slider(key=f"slice_{ct_study[1]}").value == 0
+    app.text_input(key="f_text").input("no-such-study").run()
+    assert "Answer" not in [element.value for element in app.subheader]
+
+
+def test_after_a_promotion_the_app_answers_with_the_new_live_adapter(db, app_env, ct_study, clinician, tmp_path):
+    from medvqa.model.adapters import LoraSettings, attach_lora, save_adapter
+    from medvqa.model.loading import load_vlm
+    from medvqa.services.promotion import approve_promotion, request_promotion
+    from tests import factories
+    from tests.workbench.test_review_models_audit_services import make_adapter
+
+    app = ask_about_slice(signed_in(clinician))
+    assert app.session_state["answer"].adapter_ref is None  # no adapter is live yet: the bare base answers
+    folder = tmp_path / "adapter"
+    sha = save_adapter(attach_lora(load_vlm(app_env["MEDVQA_BASE_MODEL"]).model, LoraSettings(r=4, alpha=8)), folder)
+    adapter_id = make_adapter(db, "round1")
+    with db.session() as session, session.begin():  # point the row at the real folder and weights
+        row = session.get(Adapter, adapter_id)
+        row.path, row.sha256 = str(folder), sha
+    engineer, admin = factories.make_user(db, "ml_engineer"), factories.make_user(db, "admin")
+    request_promotion(db, engineer, adapter_id, "test round")
+    approve_promotion(db, admin, adapter_id)
+    app.button(key="ask").click().run()
+    result = app.session_state["answer"]
+    assert result.adapter_ref == sha
+    with db.read_session() as session:
+        assert session.get(Answer, result.answer_id).adapter_id == adapter_id

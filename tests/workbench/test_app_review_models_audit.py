@@ -1,0 +1,120 @@
+"""The Review, Models and Audit pages through AppTest, on a real SQLite database."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from sqlalchemy import select
+
+from medvqa.db import Adapter, AuditEvent, Instance, Review
+from tests import factories
+from tests.workbench.apptest import errors, on_page, signed_in
+from tests.workbench.conftest import import_ct
+from tests.workbench.test_review_models_audit_services import make_adapter, status_of
+
+
+def by_label(app, label):
+    return next(button for button in app.button if button.label == label)
+
+
+def adjudicate_in_app(app, verdict, reference, password):
+    app.radio[0].set_value(verdict)
+    app.text_input[0].input(reference)
+    app.text_input[1].input(password)
+    by_label(app, "Sign and submit").click()
+    return app.run()
+
+
+def test_review_queue_adjudication_with_signature_and_double_reading(db, app_env, ct_study, clinician):
+    from medvqa.config import load_settings
+    from medvqa.services.ask import ImageChoice, ask, load_answering_model
+
+    settings = load_settings()
+    model = load_answering_model(db, settings)
+    answer = ask(db, clinician, settings, model, ct_study[0], "Is there a fracture?", ImageChoice(slices=0))
+    first, second = factories.make_user(db, "reviewer"), factories.make_user(db, "reviewer")
+    app = on_page(first, "app_pages/review.py")
+    assert not app.exception
+    assert app.selectbox(key="r_answer").value == answer.answer_id
+    assert answer.text in [element.value for element in app.text]
+    assert any(image.proto.imgs[0].caption == "the image the model saw" for image in app.get("image"))
+    app = adjudicate_in_app(app, "incorrect", "no fracture", "not my password")
+    assert errors(app) == ["signature refused: the password does not match the signed-in account"]
+    app = adjudicate_in_app(app, "incorrect", "no fracture", factories.PASSWORD)
+    assert f"Answer {answer.answer_id} adjudicated and signed." in [s.value for s in app.success]
+    assert any(c.value.startswith("0 answer(s) to judge") for c in app.caption)  # first reader's queue is empty
+    second_app = on_page(second, "app_pages/review.py")
+    adjudicate_in_app(second_app, "correct", "", factories.PASSWORD)
+    with db.read_session() as session:
+        readings = [
+            (r.reviewer_id, r.reading, r.verdict.value, r.signature_meaning) for r in session.scalars(select(Review))
+        ]
+    assert readings == [(first.user_id, 1, "incorrect", "review"), (second.user_id, 2, "correct", "review")]
+    agreement = on_page(second, "app_pages/review.py")
+    # one pair that disagrees: p_o = 0, p_e = 0, kappa = 0
+    assert [m.value for m in agreement.metric] == ["0.00", "1"]
+
+
+def test_held_instances_are_confirmed_on_the_review_page(db, app_env, settings, tmp_path):
+    import_ct(db, settings, tmp_path / "us", count=1, modality="US")
+    reviewer = factories.make_user(db, "reviewer")
+    app = on_page(reviewer, "app_pages/review.py")
+    with db.read_session() as session:
+        instance_id = session.scalars(select(Instance.id)).one()
+    app.button(key=f"confirm_{instance_id}").click().run()
+    assert f"Instance {instance_id} confirmed; questions about it are allowed now." in [s.value for s in app.success]
+    with db.read_session() as session:
+        assert session.get(Instance, instance_id).burned_in_confirmed_by == reviewer.user_id
+
+
+def test_promotion_needs_a_request_by_an_engineer_and_approval_by_an_admin(db, app_env):
+    candidate = make_adapter(db, "round1", metrics={"by_question_type": {"PRES": {"overall_accuracy": 0.6}}})
+    engineer, admin = factories.make_user(db, "ml_engineer"), factories.make_user(db, "admin")
+    app = signed_in(engineer).run()
+    assert not app.exception and app.selectbox(key="m_adapter").value == candidate
+    assert app.json[0].value == '{"by_question_type": {"PRES": {"overall_accuracy": 0.6}}}'
+    assert app.get("arrow_vega_lite_chart") or app.get("vega_lite_chart")  # candidate vs live per question type
+    app.button(key="m_approve")  # disabled until requested
+    app.text_input(key="m_reason").input("better on the locked test set")
+    app.button(key="m_request").click().run()
+    assert "an admin must approve it" in app.success[0].value
+    app.button(key="m_approve").click().run()
+    assert errors(app) == [f"{engineer.name}: role 'ml_engineer' may not perform model:adapter:approve_promotion"]
+    admin_app = signed_in(admin).run()
+    admin_app.button(key="m_approve").click().run()
+    assert status_of(db) == {"round1": "live"}
+    admin_app.text_input(key="m_reason").input("regression seen in clinic")
+    admin_app.button(key="m_rollback").click().run()
+    assert status_of(db) == {"round1": "retired"}
+    with db.read_session() as session:
+        denied = session.scalars(select(AuditEvent).where(AuditEvent.outcome == "denied")).all()
+        assert session.get(Adapter, candidate).promoted_at is not None
+    assert [(e.actor_name, e.action) for e in denied] == [(engineer.name, "model:adapter:approve_promotion")]
+
+
+def test_audit_page_filters_verifies_and_exports(db, app_env, clinician):
+    auditor = factories.make_user(db, "auditor")
+    factories.make_answer(db, clinician)
+    app = signed_in(auditor).run()
+    assert not app.exception
+    app.selectbox(key="a_user").set_value(clinician.name).run()
+    shown = app.dataframe[0].value
+    assert set(shown["actor_name"]) == {clinician.name}
+    app.button(key="verify").click().run()
+    assert app.success[0].value.startswith("Audit trail OK")
+    app.button(key="export").click().run()
+    rows = list(csv.DictReader(io.StringIO(app.session_state["audit_csv"])))
+    assert {row["actor_name"] for row in rows} == {clinician.name}
+    assert app.get("download_button")
+    with db.read_session() as session:
+        actions = [e.action for e in session.scalars(select(AuditEvent).where(AuditEvent.actor_name == auditor.name))]
+    assert actions == ["audit:chain:verify", "audit:event:export"]
+
+
+def test_audit_page_shows_a_broken_chain(db, app_env, clinician, anchor_path):
+    auditor = factories.make_user(db, "auditor")
+    anchor_path.unlink()  # the chain heads kept outside the database are gone
+    app = signed_in(auditor).run()
+    app.button(key="verify").click().run()
+    assert errors(app) and errors(app)[0].startswith("Audit trail BROKEN at event")

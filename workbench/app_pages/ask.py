@@ -1,0 +1,198 @@
+"""Ask (clinician): find a study, look through it, ask a question about what is on screen, rate the answer."""
+
+from __future__ import annotations
+
+import uuid
+
+import streamlit as st
+
+from compliance.policy import Action
+from medvqa.imaging.series import Window
+from medvqa.services.ask import QUESTION_TEMPLATES, AskResult, ImageChoice, ask, fill_template
+from medvqa.services.feedback import FeedbackInput, give_feedback
+from medvqa.services.queries import StudyFilter, search_studies, study_series
+from medvqa.services.viewer import instance_metadata, render_slice, thumbnails, window_choices
+from workbench import resources
+from workbench.auth import attempt, require
+
+VERDICTS = {"correct": "Correct", "partial": "Partly correct", "incorrect": "Incorrect"}
+FREE_TEXT = "free text"
+SCOPES = ("this slice", "chosen slices", "the study (key slice)")
+
+
+def study_picker(actor):
+    """Search and pick a study; returns its row or None."""
+    db = resources.database()
+    everything = attempt(lambda: search_studies(db, actor)) or []
+    with st.expander("Search studies", expanded=True):
+        left, middle, right = st.columns(3)
+        modality = left.selectbox("Modality", ["", *sorted({r["modality"] for r in everything})], key="f_modality")
+        body_part = middle.selectbox(
+            "Body part", ["", *sorted({r["body_part"] for r in everything if r["body_part"]})], key="f_body"
+        )
+        text = right.text_input("UID or pseudonym contains", key="f_text")
+        dates = left.date_input("Study date between", value=(), key="f_study_date")
+        imported = middle.date_input("Imported between", value=(), key="f_imported")
+        search = StudyFilter(modality, body_part, text, *_range(dates), *_range(imported))
+        rows = [row for row in everything if search.matches(row)]
+        st.caption(f"{len(rows)} of {len(everything)} studies")
+        st.dataframe(rows, hide_index=True, height=180, width="stretch")
+    if not rows:
+        st.info("No study matches; change the search or import studies (`medvqa import`).")
+        return None
+    labels = {row["id"]: f"#{row['id']} {row['modality']} {row['body_part'] or ''} {row['patient']}" for row in rows}
+    chosen = st.selectbox("Study", list(labels), format_func=labels.__getitem__, key="study_id")
+    return next(row for row in rows if row["id"] == chosen)
+
+
+def _range(value):
+    """A date_input range as (start, end); an empty or half-picked range filters nothing."""
+    if isinstance(value, tuple) and len(value) == 2:
+        return value
+    return (None, None)
+
+
+def viewer(actor, study):
+    """Series picker, slice slider, window presets or manual centre/width, thumbnails, metadata.
+    Returns (series id, volume, slice index, window) or None."""
+    db = resources.database()
+    series_rows = attempt(lambda: study_series(db, actor, study["id"])) or []
+    if not series_rows:
+        return None
+    labels = {s["id"]: f"series {s['number'] or '-'} {s['modality']} ({s['instances']} images)" for s in series_rows}
+    series_id = st.selectbox("Series", list(labels), format_func=labels.__getitem__, key="series_id")
+    held = next(s["held"] for s in series_rows if s["id"] == series_id)
+    if held:
+        st.warning(f"{held} image(s) of this series wait for a reviewer's burned-in text check; asking is blocked.")
+    volume = attempt(lambda: resources.volume(actor, series_id))
+    if volume is None:
+        return None
+    index, slider = 0, f"slice_{series_id}"
+    if volume.slice_count > 1:
+        index = st.slider("Slice", 0, volume.slice_count - 1, volume.slice_count // 2, key=slider)
+    window = window_picker(volume)
+    image_column, side = st.columns([3, 2])
+    pixels = attempt(lambda: render_slice(volume, index, window))
+    if pixels is not None:
+        image_column.image(pixels, caption=f"slice {index + 1} of {volume.slice_count}", clamp=True, width="stretch")
+    with side:
+        st.caption("Thumbnails")
+        cells = st.columns(4)
+        for position, (number, thumb) in enumerate(thumbnails(volume, count=8)):
+            cell = cells[position % 4]
+            cell.image(thumb, clamp=True, width=72)
+            if volume.slice_count > 1:
+                cell.button(str(number), key=f"thumb_{series_id}_{number}", on_click=_jump, args=(slider, number))
+        with st.expander("Metadata (de-identified)"):
+            tags = attempt(lambda: instance_metadata(db, actor, resources.settings(), volume, index)) or {}
+            st.table([{"tag": key, "value": value} for key, value in tags.items()])
+    return series_id, volume, index, window
+
+
+def _jump(slider, number):
+    """A thumbnail click moves the slice slider (runs before the rerun, so the slider shows the new value)."""
+    st.session_state[slider] = number
+
+
+def window_picker(volume):
+    names = [*window_choices(volume), "manual"]
+    left, middle, right = st.columns(3)
+    name = left.selectbox("Window", names, key="window_name")
+    if name != "manual":
+        return name
+    default = volume.window(None)
+    centre = middle.number_input("Centre", value=float(default.center), step=10.0, key="window_centre")
+    width = right.number_input("Width", value=float(default.width), min_value=1.0, step=10.0, key="window_width")
+    return Window(centre, width, "custom")
+
+
+def question_form(actor, study, view):
+    """Scope, template and question; asks on click and keeps the result in the session."""
+    series_id, volume, index, window = view
+    scope = st.radio("Ask about", SCOPES, horizontal=True, key="scope")
+    slices = index if scope == SCOPES[0] else None
+    if scope == SCOPES[1]:
+        chosen = st.multiselect("Slices (up to 16)", list(range(volume.slice_count)), default=[index], key="slices")
+        slices = tuple(chosen)
+    labels = {FREE_TEXT: FREE_TEXT, **{code: name for code, (name, _) in QUESTION_TEMPLATES.items()}}
+    template = st.selectbox("Question template", list(labels), format_func=labels.__getitem__, key="template")
+    finding = ""
+    if template != FREE_TEXT and "{finding}" in QUESTION_TEMPLATES[template][1]:
+        finding = st.text_input("Finding", placeholder="e.g. a fracture", key="finding")
+    free = st.text_input("Question", key="question") if template == FREE_TEXT else ""
+    if not st.button("Ask", type="primary", key="ask"):
+        return
+    question = free if template == FREE_TEXT else attempt(lambda: fill_template(template, finding))
+    if question is None:
+        return
+    if slices == ():
+        st.error("choose at least one slice")
+        return
+    choice = ImageChoice(series_id=series_id, slices=slices, window=window)
+    settings, db = resources.settings(), resources.database()
+    with st.spinner("Asking the model..."):
+        result = attempt(
+            lambda: ask(db, actor, settings, resources.model(), study["id"], question, choice, _type(template))
+        )
+    if result is not None:
+        st.session_state["answer"] = result
+        st.session_state[f"feedback_key_{result.answer_id}"] = uuid.uuid4().hex
+
+
+def _type(template):
+    return "" if template == FREE_TEXT else template
+
+
+def answer_panel(result: AskResult):
+    st.subheader("Answer")
+    st.text(f"Q: {result.question}")  # typed by a person: shown as text too
+    st.text(result.text or "(the model gave no answer)")  # plain text: never markdown or HTML from the model
+    if result.confidence is not None:
+        st.progress(float(result.confidence), text=f"confidence {result.confidence:.2f}")
+    else:
+        st.caption("no confidence available")
+    left, right = st.columns([1, 2])
+    left.image(result.image, caption="the exact image the model saw", width="stretch")
+    with right:
+        st.caption("Provenance")
+        st.json(result.provenance())
+
+
+def feedback_form(actor, result: AskResult):
+    """One click is one record: the idempotency key lives in the session, made when the answer arrived."""
+    done = st.session_state.get(f"feedback_done_{result.answer_id}")
+    if done:
+        st.success(f"Your rating is recorded (feedback #{done}).")
+        return
+    with st.form(f"feedback_{result.answer_id}"):
+        verdict = st.radio("Rate the answer", list(VERDICTS), format_func=VERDICTS.__getitem__, horizontal=True)
+        correction = st.text_input("Corrected answer (optional)")
+        comment = st.text_area("Comment (optional)")
+        submitted = st.form_submit_button("Submit rating")
+    if not submitted:
+        return
+    key = st.session_state.setdefault(f"feedback_key_{result.answer_id}", uuid.uuid4().hex)
+    item = FeedbackInput(result.answer_id, verdict, key, correction=correction or None, comment=comment or None)
+    stored = attempt(lambda: give_feedback(resources.database(), actor, item))
+    if stored is not None:
+        st.session_state[f"feedback_done_{result.answer_id}"] = stored.feedback.id
+        st.rerun()
+
+
+def page():
+    actor = require(Action.QUESTION_ASK)
+    st.title("Ask")
+    study = study_picker(actor)
+    if study is None:
+        return
+    view = viewer(actor, study)
+    if view is None:
+        return
+    question_form(actor, study, view)
+    result = st.session_state.get("answer")
+    if isinstance(result, AskResult) and result.study_id == study["id"]:
+        answer_panel(result)
+        feedback_form(actor, result)
+
+
+page()

@@ -1,0 +1,68 @@
+"""Models and rounds (ML engineer, admin): adapters with status, data snapshot and metrics; a candidate
+compared with the live adapter per question type and organ; promotion (request, then another person's
+approval) and one-step rollback."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from compliance.policy import Action
+from medvqa.services.promotion import approve_promotion, compare_metrics, list_adapters, request_promotion, rollback
+from workbench import resources
+from workbench.auth import attempt, perform, require, show_notice
+
+
+def adapters_table(adapters) -> None:
+    columns = ("id", "name", "status", "snapshot", "requested_by", "promoted_at", "sha256")
+    st.dataframe([{c: a[c] for c in columns} for a in adapters], hide_index=True, width="stretch")
+
+
+def comparison(candidate, live) -> None:
+    rows = compare_metrics(candidate["metrics"], live["metrics"] if live else None)
+    if not rows:
+        st.info("No per-question-type or per-organ metrics recorded for these adapters yet.")
+        return
+    frame = pd.DataFrame(rows)
+    for group, title in (("question_type", "per question type"), ("organ", "per organ")):
+        part = frame[frame["group"] == group]
+        if not part.empty:
+            st.caption(f"Overall accuracy {title}: candidate vs live")
+            st.bar_chart(part, x="subgroup", y="value", color="adapter", stack=False)
+
+
+def actions(actor, chosen) -> None:
+    db = resources.database()
+    reason = st.text_input("Reason (for a request or a rollback)", key="m_reason")
+    first, second, third = st.columns(3)
+    if first.button("Request promotion", key="m_request", disabled=chosen["status"] != "candidate"):
+        notice = f"Promotion of adapter {chosen['id']} requested; an admin must approve it."
+        perform(lambda: request_promotion(db, actor, chosen["id"], reason), notice)
+    if second.button("Approve promotion", key="m_approve", disabled=not chosen["requested_by"]):
+        notice = f"Adapter {chosen['id']} is live; new answers name it."
+        perform(lambda: approve_promotion(db, actor, chosen["id"]), notice)
+    if third.button("Roll back the live adapter", key="m_rollback"):
+        perform(lambda: rollback(db, actor, reason), "Rolled back to the adapter that was live before.")
+
+
+def page() -> None:
+    actor = require(Action.ADAPTER_READ)
+    st.title("Models and rounds")
+    show_notice()
+    adapters = attempt(lambda: list_adapters(resources.database(), actor)) or []
+    if not adapters:
+        st.info("No adapters yet: a fine-tuning round registers its adapter here as a candidate.")
+        return
+    adapters_table(adapters)
+    labels = {a["id"]: f"#{a['id']} {a['name']} ({a['status']})" for a in adapters}
+    chosen_id = st.selectbox("Adapter", list(labels), format_func=labels.__getitem__, key="m_adapter")
+    chosen = next(a for a in adapters if a["id"] == chosen_id)
+    live = next((a for a in adapters if a["status"] == "live"), None)
+    with st.expander(f"Metrics and training data of adapter {chosen['id']}"):
+        st.caption(f"training data snapshot: {chosen['snapshot'] or 'not recorded'}; base model {chosen['base_model']}")
+        st.json(chosen["metrics"] or {})
+    comparison(chosen, live if live is not chosen else None)
+    actions(actor, chosen)
+
+
+page()

@@ -1,0 +1,142 @@
+"""Who is signed in: the sign-in form (local accounts, or the hospital's OIDC provider through st.login),
+the server-side idle timeout, sign-out, and the role check every page and button goes through."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import streamlit as st
+
+from medvqa.errors import AccessDenied, MedVQAError
+from medvqa.services.access import authorize
+from medvqa.services.audit import Actor
+from medvqa.services.sessions import is_idle, sign_in_external, sign_out
+from medvqa.services.users import authenticate
+from workbench import resources
+
+ACTOR = "medvqa_actor"
+LAST_SEEN = "medvqa_last_seen"
+NOTICE = "medvqa_notice"
+DONE = "medvqa_done"
+T = TypeVar("T")
+
+
+def current_actor() -> Actor | None:
+    actor = st.session_state.get(ACTOR)
+    return actor if isinstance(actor, Actor) else None
+
+
+def oidc_configured() -> bool:
+    """True when the hospital configured a provider: an [auth] section in .streamlit/secrets.toml."""
+    try:
+        return "auth" in st.secrets
+    except Exception:  # no secrets file at all: Streamlit raises its own not-found error
+        return False
+
+
+def enforce_idle_timeout() -> None:
+    """Sign out a session idle for longer than MEDVQA_WORKBENCH_IDLE_TIMEOUT_MINUTES; else note this visit."""
+    actor, now = current_actor(), datetime.now(UTC)
+    if actor is None:
+        return
+    minutes = resources.settings().workbench_idle_timeout_minutes
+    last_seen = st.session_state.get(LAST_SEEN, now)
+    if is_idle(last_seen, now, minutes):
+        end_session("idle timeout")
+        st.session_state[NOTICE] = f"You were signed out after {minutes} minutes without activity."
+        return
+    st.session_state[LAST_SEEN] = now
+
+
+def begin_session(actor: Actor) -> None:
+    st.session_state[ACTOR] = actor
+    st.session_state[LAST_SEEN] = datetime.now(UTC)
+
+
+def end_session(reason: str = "signed out") -> None:
+    """Audit the sign-out and forget everything this session held (answers, keys, filters)."""
+    actor = current_actor()
+    if actor is not None:
+        sign_out(resources.database(), actor, reason)
+    for key in list(st.session_state.keys()):
+        del st.session_state[key]
+    if oidc_configured() and getattr(st.user, "is_logged_in", False):
+        st.logout()
+
+
+def sign_in_page() -> None:
+    """The sign-in form; the only page shown until someone signs in."""
+    st.title("medvqa workbench")
+    if NOTICE in st.session_state:
+        st.info(st.session_state.pop(NOTICE))
+    if oidc_configured():
+        _oidc_sign_in()
+    with st.form("sign_in"):
+        username = st.text_input("Username", key="sign_in_username")
+        password = st.text_input("Password", type="password", key="sign_in_password")
+        submitted = st.form_submit_button("Sign in")
+    if submitted:
+        try:
+            actor = authenticate(resources.database(), username.strip(), password)
+        except MedVQAError as exc:
+            st.error(str(exc))
+            return
+        begin_session(actor)
+        st.rerun()
+
+
+def _oidc_sign_in() -> None:
+    """Sign in through the configured provider; the local account of the same username gives the role."""
+    if not getattr(st.user, "is_logged_in", False):
+        st.button("Sign in with the hospital account", on_click=st.login)
+        return
+    username = str(st.user.get("preferred_username") or st.user.get("email") or "")
+    try:
+        begin_session(sign_in_external(resources.database(), username, "oidc"))
+    except MedVQAError as exc:
+        st.error(str(exc))
+        return
+    st.rerun()
+
+
+def require(action: str, object_type: str = "page") -> Actor:
+    """The signed-in actor when the role may perform `action`; otherwise the audited refusal and a stop."""
+    actor = current_actor()
+    if actor is None:
+        st.warning("Please sign in.")
+        st.stop()
+    try:
+        authorize(resources.database(), actor, action, object_type)
+    except AccessDenied as exc:
+        st.error(f"Refused: {exc}")
+        st.stop()
+    return actor
+
+
+def attempt(work: Callable[[], T]) -> T | None:
+    """Run a service call; an expected failure becomes one error line on the page and None."""
+    try:
+        return work()
+    except MedVQAError as exc:
+        st.error(str(exc))
+        return None
+
+
+def perform(work: Callable[[], Any], notice: str) -> bool:
+    """Run a state-changing service call; on success keep `notice` for the next run and rerun the page (so it
+    shows the new state), on an expected failure show one error line."""
+    try:
+        work()
+    except MedVQAError as exc:
+        st.error(str(exc))
+        return False
+    st.session_state[DONE] = notice
+    st.rerun()
+
+
+def show_notice() -> None:
+    """The success message kept by `perform` across its rerun."""
+    if DONE in st.session_state:
+        st.success(st.session_state.pop(DONE))
