@@ -482,5 +482,13 @@ def _import_demo_studies(database: Database, settings: Any) -> None:
     )
 
 
+def _register_rounds() -> None:
+    from medvqa.cli_rounds import rounds  # imports click only; torch loads when a round runs
+
+    main.add_command(rounds)
+
+
+_register_rounds()
+
 if __name__ == "__main__":  # `python -m medvqa.cli`, e.g. under `accelerate launch -m medvqa.cli train ...`
     main()

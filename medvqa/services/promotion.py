@@ -73,11 +73,39 @@ def _pending_request(session: Session, adapter_id: int) -> dict[str, Any] | None
     return {"actor_user_id": last.actor_user_id, "actor_name": last.actor_name, "seq": last.seq}
 
 
+def gate_refusal(metrics: dict[str, Any]) -> str | None:
+    """Why the promotion gate forbids promoting an adapter with these metrics; None when its round passed.
+
+    The gate decision is made when a fine-tuning round evaluates the candidate (medvqa.training.compare) and
+    stored in the adapter's metrics; an adapter without one (not made by a round) cannot be promoted.
+    """
+    gate = metrics.get("gate")
+    if not isinstance(gate, dict):
+        return "it has no gate decision (not made by a round)"
+    if gate.get("passed") is not True:
+        return "; ".join(str(reason) for reason in gate.get("reasons", [])) or "the gate failed"
+    return None
+
+
 def request_promotion(db: Database, actor: Actor, adapter_id: int, reason: str) -> None:
-    """An ML engineer asks for a candidate to go live; an admin must approve it."""
+    """An ML engineer asks for a candidate that passed the promotion gate to go live; an admin must approve it.
+
+    A candidate that failed the gate (or has none) is refused, and the refusal is audited.
+    """
     authorize(db, actor, Action.ADAPTER_PROMOTE_REQUEST, "adapter", adapter_id)
     if not reason.strip():
         raise InvalidInput("a promotion request needs a reason (e.g. the evaluation that supports it)")
+    with db.read_session() as session:
+        refusal = gate_refusal(_adapter(session, adapter_id).metrics or {})
+    if refusal is not None:
+        details = {"reason": f"promotion gate: {refusal}"}
+        write(
+            db,
+            lambda s: audit.record(
+                s, actor, Action.ADAPTER_PROMOTE_REQUEST, "adapter", adapter_id, outcome="failed", details=details
+            ),
+        )
+        raise InvalidInput(f"adapter {adapter_id} may not be promoted: the promotion gate failed ({refusal})")
 
     def work(session: Session) -> None:
         adapter = _adapter(session, adapter_id)

@@ -107,10 +107,14 @@ def test_cohen_kappa(pairs, kappa):
     assert cohen_kappa(pairs).kappa == kappa
 
 
+PASSED_GATE = {"gate": {"passed": True, "reasons": []}}
+
+
 def make_adapter(db, name, status=AdapterStatus.CANDIDATE, metrics=None):
+    """An adapter row as a round leaves it; by default its round passed the promotion gate."""
     with db.session() as session, session.begin():
         row = Adapter(name=name, sha256=name.ljust(64, "0"), path=f"/adapters/{name}", base_model_ref="m@0")
-        row.metrics, row.status = metrics or {}, status
+        row.metrics, row.status = {**PASSED_GATE, **(metrics or {})}, status
         session.add(row)
         session.flush()
         return row.id
@@ -191,3 +195,24 @@ def test_external_sign_in_maps_to_a_local_account_and_sign_out_is_audited(db, cl
     ]
     now = datetime.now(UTC)
     assert is_idle(now - timedelta(minutes=16), now, 15) and not is_idle(now - timedelta(minutes=14), now, 15)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "why"),
+    [
+        ({"gate": {"passed": False, "reasons": ["PRES dropped 4.0 points"]}}, "PRES dropped 4.0 points"),
+        ({}, "no gate decision"),
+    ],
+)
+def test_a_candidate_that_failed_or_lacks_the_gate_cannot_be_requested(db, metrics, why):
+    engineer = factories.make_user(db, "ml_engineer")
+    adapter_id = make_adapter(db, "r")
+    with db.session() as session, session.begin():
+        session.get(Adapter, adapter_id).metrics = metrics  # replaces the passing gate make_adapter gives
+    with pytest.raises(InvalidInput, match=f"promotion gate failed .*{why}"):
+        request_promotion(db, engineer, adapter_id, "looks good")
+    with db.read_session() as session:
+        event = session.scalars(select(AuditEvent).order_by(AuditEvent.seq.desc())).first()
+    assert (event.action, event.outcome) == ("model:adapter:request_promotion", "failed")
+    assert why in event.details["reason"]
+    assert status_of(db) == {"r": "candidate"}

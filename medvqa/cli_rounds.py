@@ -1,0 +1,234 @@
+"""`medvqa rounds`: run a fine-tuning round, list rounds, compare a candidate with the live adapter, promote
+(an ML engineer requests, an admin approves), roll back, and rerun a round from its record.
+
+Registered on the main command in medvqa/cli.py (`main.add_command(rounds)`). Running, promoting and rolling
+back act as a named account (`--user` or MEDVQA_USER, password from a prompt or the first line of stdin), since
+the audit trail and the two-person rule need to know who; listing and comparing act as the operator.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from medvqa.errors import MedVQAError
+
+if TYPE_CHECKING:
+    from medvqa.db.engine import Database
+    from medvqa.services.audit import Actor
+
+
+class RoundsGroup(click.Group):
+    """Expected failures become one line on stderr and exit status 1, also when the group runs on its own."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            return super().invoke(ctx)
+        except MedVQAError as exc:
+            _fail(str(exc))
+        except OperationalError as exc:
+            _fail(f"cannot use the database: {str(exc.orig).strip().splitlines()[0]}")
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"medvqa: error: {message}", err=True)
+    sys.exit(1)
+
+
+def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
+    click.echo(json.dumps(payload, indent=2, default=str) if as_json else text)
+
+
+def _open_database() -> Database:
+    """The configured database, checked to be at the schema this code expects (as in medvqa/cli.py)."""
+    from medvqa.config import load_settings
+    from medvqa.db.engine import Database
+    from medvqa.db.migrate import ensure_current
+
+    settings = load_settings()
+    database = Database.from_settings(settings)
+    ensure_current(database)
+    return database
+
+
+def _operator() -> Actor:
+    """The person at the command line acts as admin for reading (as in medvqa/cli.py)."""
+    from medvqa.services.audit import Actor
+
+    return Actor(name=f"cli:{getpass.getuser()}", role="admin")
+
+
+def _signed_in(username: str, database: Database) -> Actor:
+    """The named account, after its password (a prompt, or the first line of standard input) matches."""
+    from medvqa.services.users import authenticate
+
+    if sys.stdin.isatty():
+        password = str(click.prompt(f"Password for {username}", hide_input=True))
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise MedVQAError("no password on standard input (give it on the first line)")
+    return authenticate(database, username, password)
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+_user_option = click.option(
+    "--user",
+    "username",
+    required=True,
+    envvar="MEDVQA_USER",
+    help="Account that acts (ml_engineer or admin); password from a prompt or stdin. Env: MEDVQA_USER.",
+)
+
+
+@click.group(cls=RoundsGroup)
+def rounds() -> None:
+    """Fine-tuning rounds: reviewed feedback -> snapshot -> adapter -> compared with the live one -> promotion."""
+
+
+@rounds.command("run")
+@click.option("--since", "since_round", type=int, help="Only feedback decided after round ROUND froze its snapshot.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--max-steps", type=int, default=-1, show_default=True, help="Optimizer steps; -1: use --epochs.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = 2 x rank).")
+@_user_option
+@_json_option
+def run_command(
+    since_round: int | None,
+    epochs: float,
+    max_steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    username: str,
+    as_json: bool,
+) -> None:
+    """Freeze reviewed feedback, train a candidate adapter, score it and the live adapter on the locked test set
+    (MEDVQA_LOCKED_TEST_SET) and the round's validation split, and record the gate's decision."""
+    from medvqa.config import load_settings
+    from medvqa.model.adapters import LoraSettings
+    from medvqa.services.rounds import RoundOptions, run_round
+    from medvqa.training.train import TrainSettings
+
+    try:
+        train = TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, seed=seed, max_steps=max_steps)
+        options = RoundOptions(since_round=since_round, train=train, lora=LoraSettings(r=rank, alpha=2 * rank))
+    except ValueError as exc:
+        raise MedVQAError(str(exc)) from None
+    database = _open_database()
+    actor = _signed_in(username, database)
+    outcome = run_round(database, actor, load_settings(), options, progress=not as_json)
+    overall = outcome.test["rows"][0]
+    verdict = "passed" if outcome.gate_passed else "FAILED: " + "; ".join(outcome.gate_reasons)
+    text = (
+        f"round {outcome.round_id}: candidate adapter {outcome.adapter_id} ({outcome.adapter_sha256[:12]})\n"
+        f"locked test set overall {100 * overall['candidate']:.1f}% vs live {100 * overall['live']:.1f}% "
+        f"({100 * overall['delta']:+.1f} points); gate {verdict}"
+    )
+    _emit(as_json, outcome.as_dict(), text)
+
+
+@rounds.command("list")
+@_json_option
+def list_command(as_json: bool) -> None:
+    """List rounds, newest first: snapshot size, candidate adapter and its status, gate, overall delta."""
+    from medvqa.services.rounds import list_rounds
+
+    rows = list_rounds(_open_database(), _operator())
+    _emit(as_json, {"rounds": rows}, "\n".join(_round_line(row) for row in rows) or "no rounds")
+
+
+def _round_line(row: dict[str, Any]) -> str:
+    adapter = row["adapter"] or {}
+    delta = row["test_overall"].get("delta")
+    shown = "-" if delta is None else f"{100 * delta:+.1f} pts"
+    return (
+        f"{row['id']:>4}  {row['status']:<11} {row['dataset']['items']:>5} items  "
+        f"adapter {adapter.get('id', '-')} ({adapter.get('status', '-')})  overall {shown}  {row['started_at'][:19]}"
+    )
+
+
+@rounds.command("compare")
+@click.argument("round_id", type=int)
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), help="Folder for the PNG; default MEDVQA_HOME/reports."
+)
+@_json_option
+def compare_command(round_id: int, out_dir: Path | None, as_json: bool) -> None:
+    """The round's candidate against the adapter live when it ran: markdown tables (locked test set and validation:
+    overall, closed, open, per question type and organ, bootstrap 95% intervals, McNemar) and a PNG chart."""
+    from medvqa.config import load_settings
+    from medvqa.services.rounds import compare_round
+
+    folder = out_dir or load_settings().home / "reports"
+    result = compare_round(_open_database(), _operator(), round_id, folder)
+    payload = {"round": round_id, "chart": str(result.chart), "markdown": result.markdown, **result.data}
+    _emit(as_json, payload, f"{result.markdown}\nchart: {result.chart}")
+
+
+@rounds.command("promote")
+@click.argument("adapter_id", type=int)
+@click.option("--reason", default="", help="Why (required for a request, e.g. the comparison that supports it).")
+@_user_option
+@_json_option
+def promote_command(adapter_id: int, reason: str, username: str, as_json: bool) -> None:
+    """Promote a candidate in two steps by two people: an ML engineer requests it (only when its round passed the
+    gate), then an admin other than the requester approves it and it goes live."""
+    from medvqa.services import promotion
+    from medvqa.services.rounds import request_round_promotion
+
+    database = _open_database()
+    actor = _signed_in(username, database)
+    if actor.role == "admin":
+        promotion.approve_promotion(database, actor, adapter_id)
+        step, text = "approved", f"adapter {adapter_id} is live (approved by {actor.name})"
+    else:
+        request_round_promotion(database, actor, adapter_id, reason)
+        step, text = "requested", f"promotion of adapter {adapter_id} requested; an admin must approve it"
+    _emit(as_json, {"adapter_id": adapter_id, "step": step, "by": actor.name}, text)
+
+
+@rounds.command("rollback")
+@click.option("--reason", required=True, help="Why the live adapter is withdrawn.")
+@_user_option
+@_json_option
+def rollback_command(reason: str, username: str, as_json: bool) -> None:
+    """Retire the live adapter and bring back the one it replaced (or the bare base model), in one step."""
+    from medvqa.services import promotion
+
+    database = _open_database()
+    restored = promotion.rollback(database, _signed_in(username, database), reason)
+    now = f"adapter {restored}" if restored is not None else "the base model (no adapter)"
+    _emit(as_json, {"restored": restored}, f"rolled back: answers now come from {now}")
+
+
+@rounds.command("reproduce")
+@click.argument("round_id", type=int)
+@_user_option
+@_json_option
+def reproduce_command(round_id: int, username: str, as_json: bool) -> None:
+    """Train the round again from its frozen data and recorded settings; exit 1 unless the adapter hash matches."""
+    from medvqa.config import load_settings
+    from medvqa.services.round_reproduce import reproduce_round
+
+    database = _open_database()
+    actor = _signed_in(username, database)
+    report = reproduce_round(database, actor, load_settings(), round_id, progress=not as_json)
+    same = "the same adapter" if report["same_adapter"] else "a DIFFERENT adapter"
+    hashes = f"{report['rerun_sha256'][:12]}, recorded {str(report['recorded_sha256'])[:12]}"
+    text = f"round {round_id}: rerun gives {same} ({hashes})"
+    text += "".join(f"\n{key} differs: {value}" for key, value in report["environment_differences"].items())
+    _emit(as_json, report, text)
+    if not report["same_adapter"]:
+        sys.exit(1)
