@@ -93,10 +93,12 @@ def holdout_split(
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     held: set[tuple[str, str]] = set()
+    count = 0
     for key in keys:
-        if sum(len(groups[k]) for k in held) >= fraction * len(examples):
+        if count >= fraction * len(examples):
             break
         held.add(key)
+        count += len(groups[key])
     train = [e for e in examples if (e.image_path.name, normalize_answer(e.answer)) not in held]
     validation = [e for e in examples if (e.image_path.name, normalize_answer(e.answer)) in held]
     return train, validation
@@ -120,14 +122,9 @@ def train_default_weights(
     from transformers import set_seed
 
     examples = load_vqa_jsonl(data)
-    train, validation = (
-        holdout_split(examples, validation_fraction, settings.seed)
-        if validation_fraction
-        else (
-            examples,
-            [],
-        )
-    )
+    train, validation = examples, list[VQAExample]()
+    if validation_fraction:
+        train, validation = holdout_split(examples, validation_fraction, settings.seed)
     set_seed(settings.seed)
     loaded = load_vlm(base, device="cpu", dtype="float32")
     collator = AnswerCollator(loaded.processor, load_prompt(DEFAULT_PROMPT_VERSION))
@@ -141,14 +138,14 @@ def train_default_weights(
         vision = [p for module in vision_modules(model).values() for p in module.parameters()]
         for parameter in vision:
             parameter.requires_grad_(True)
-        groups = _param_groups(model, [(vision, settings.align_lr)], settings.weight_decay)
+        groups = _param_groups([(vision, settings.align_lr)], settings.weight_decay)
         stages["align"] = _run_stage(model, dataset, collator, settings, settings.align_epochs, groups, progress)
     peft_model = attach_lora(model, settings.lora)  # freezes everything, then adds trainable LoRA weights
     vision = [p for module in vision_modules(peft_model).values() for p in module.parameters()]
     for parameter in vision:
         parameter.requires_grad_(True)
     lora = [p for name, p in peft_model.named_parameters() if "lora_" in name]
-    groups = _param_groups(peft_model, [(lora, settings.lora_lr), (vision, settings.vision_lr)], settings.weight_decay)
+    groups = _param_groups([(lora, settings.lora_lr), (vision, settings.vision_lr)], settings.weight_decay)
     stages["vqa"] = _run_stage(peft_model, dataset, collator, settings, settings.vqa_epochs, groups, progress)
     train_seconds = time.perf_counter() - started
     package_weights(peft_model, output)
@@ -172,7 +169,7 @@ def train_default_weights(
     return record
 
 
-def _param_groups(model: Any, parts: list[tuple[list[Any], float]], weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(parts: list[tuple[list[Any], float]], weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: each part at its learning rate, decay on matrices only (not on norms, biases)."""
     groups = []
     for parameters, lr in parts:
