@@ -54,9 +54,7 @@ def main() -> None:
     loaded = load_vlm(args.model, device="auto", dtype="auto")
     cold_load = time.perf_counter() - started
     examples = load_vqa_jsonl(args.data)
-    chosen = {
-        kind: [e for e in examples if e.answer_type == kind][: args.limit] for kind in ("CLOSED", "OPEN")
-    }
+    chosen = {kind: [e for e in examples if e.answer_type == kind][: args.limit] for kind in ("CLOSED", "OPEN")}
     answer(loaded, load_image(examples[0]), examples[0].question)  # warm-up: first-call allocations
 
     template = load_prompt()

@@ -103,6 +103,28 @@ class Settings(BaseSettings):
     round_gate_min_subgroup_questions: int = Field(
         default=10, ge=1, description="Gate: subgroups with fewer test questions are reported, not gated."
     )
+    model_backend: str = Field(
+        default="transformers",
+        pattern=r"^(transformers|vllm)$",
+        description="How the workbench and `medvqa ask` answer: transformers (in process) or vllm (a vLLM server).",
+    )
+    vllm_url: str = Field(
+        default="http://127.0.0.1:8000",
+        pattern=r"^https?://\S+$",
+        description="Root URL of the vLLM OpenAI-compatible server (model_backend = vllm); see docs/gpu.md.",
+    )
+    vllm_model: str = Field(
+        default="medvqa-base", min_length=1, description="The base model's name on that server (--served-model-name)."
+    )
+    vllm_model_ref: str | None = Field(
+        default=None,
+        description="The served base weights as medvqa names them ('<folder>@<sha12>'), recorded with each answer "
+        "and checked against the live adapter's base; default 'vllm:<vllm_model>'.",
+    )
+    vllm_timeout_s: float = Field(default=60.0, gt=0, le=600, description="Seconds to wait for the vLLM server.")
+    vllm_system_role: bool = Field(
+        default=True, description="False for chat templates without a system turn: instructions open the user turn."
+    )
 
     @classmethod
     def settings_customise_sources(

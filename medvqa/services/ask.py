@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from medvqa.model.loading import LoadedModel
+    from medvqa.model.vllm_backend import VLLMClient
 
 BACKEND = "transformers"
 # Question templates by VQA-RAD question type; "{finding}" is filled in by the clinician.
@@ -47,12 +48,20 @@ class ServingModel:
     """The loaded model the workbench answers with, and the adapter row it carries (None: the bare base).
 
     One model serves every workbench session; `lock` lets one generation run at a time, so concurrent
-    questions queue instead of splitting the CPU (or GPU memory) between them.
+    questions queue instead of splitting the CPU (or GPU memory) between them. With MEDVQA_MODEL_BACKEND=vllm
+    `loaded` is a client of the vLLM server instead, and no lock is taken: the server batches requests.
     """
 
-    loaded: LoadedModel
+    loaded: LoadedModel | VLLMClient
     adapter_id: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    @property
+    def backend(self) -> str:
+        """The backend recorded with each answer: "transformers" (in process) or "vllm"."""
+        from medvqa.model.vllm_backend import VLLMClient
+
+        return "vllm" if isinstance(self.loaded, VLLMClient) else BACKEND
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,11 @@ def load_answering_model(db: Database, settings: Settings) -> ServingModel:
     with db.read_session() as session:
         live = session.scalars(select(Adapter).where(Adapter.status == AdapterStatus.LIVE)).first()
         adapter = (live.id, live.path) if live else None
+        remote = (live.sha256, live.base_model_ref) if live else (None, None)
+    if settings.model_backend == "vllm":
+        from medvqa.model.vllm_backend import connect_vllm
+
+        return ServingModel(connect_vllm(settings, *remote), adapter_id=adapter[0] if adapter else None)
     loaded = load_vlm(base_model_path(settings), device=settings.device)
     if adapter is None:
         return ServingModel(loaded)
@@ -133,6 +147,7 @@ def ask(
 ) -> AskResult:
     """Answer `question` about the chosen image of the study and store question, answer and provenance."""
     from medvqa.model.generation import answer
+    from medvqa.model.vllm_backend import VLLMClient
 
     authorize(db, actor, Action.QUESTION_ASK, "study", study_id)  # refuse before the model runs
     if not question.strip():
@@ -140,14 +155,17 @@ def ask(
     series_id = resolve_series(db, study_id, choice.series_id)
     slices: int | Sequence[int] | None = list(choice.slices) if isinstance(choice.slices, tuple) else choice.slices
     prepared = model_input(db, actor, series_id, settings, slices=slices, window=choice.window)
-    with model.lock:
-        result = answer(model.loaded, prepared.image, question)
+    if isinstance(model.loaded, VLLMClient):  # the server batches concurrent requests itself
+        result = model.loaded.answer(prepared.image, question)
+    else:
+        with model.lock:
+            result = answer(model.loaded, prepared.image, question)
     record = AnswerRecord(
         text=result.text,
         model_ref=result.model_ref,
         prompt_version=result.prompt_version,
         preprocess_hash=prepared.preprocess_hash,
-        backend=BACKEND,
+        backend=model.backend,
         latency_ms=result.latency_ms,
         confidence=result.confidence,
         token_scores=result.token_scores,
