@@ -241,6 +241,11 @@ def eval_command(
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = 2 x rank).")
+@click.option(
+    "--train-vision",
+    is_flag=True,
+    help="Also train the vision tower and projector (saved in the adapter; vLLM cannot serve such an adapter).",
+)
 @_json_option
 def train_command(
     data: Path,
@@ -252,9 +257,10 @@ def train_command(
     batch_size: int,
     seed: int,
     rank: int,
+    train_vision: bool,
     as_json: bool,
 ) -> None:
-    """Train a LoRA adapter (plus the vision tower and projector) on a VQA file and save it to --output.
+    """Train a LoRA adapter (LoRA-only unless --train-vision) on a VQA file and save it to --output.
     On GPUs run it through accelerate: `accelerate launch -m medvqa.cli train --data ... --output ...`
     (or `accelerate launch --no_python medvqa train ...`); not exercised here, where CI has no GPU."""
     from medvqa.config import load_settings
@@ -263,7 +269,14 @@ def train_command(
     from medvqa.training.train import TrainSettings, train_adapter
 
     try:
-        settings = TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, seed=seed, max_steps=max_steps)
+        settings = TrainSettings(
+            epochs=epochs,
+            learning_rate=lr,
+            batch_size=batch_size,
+            seed=seed,
+            max_steps=max_steps,
+            train_vision=train_vision,
+        )
         lora = LoraSettings(r=rank, alpha=2 * rank)
     except ValueError as exc:
         raise MedVQAError(str(exc)) from None

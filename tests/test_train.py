@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from medvqa.cli import main
 from medvqa.model.adapters import LoraSettings, load_adapter
@@ -129,6 +130,14 @@ def test_cli_trains_and_refuses_bad_data_in_one_line(db, cli_env, data_file, tin
     assert report["steps"] == 2 and len(report["adapter_sha256"]) == 64
     assert {"adapter_dir", "train_loss", "samples_per_second", "seconds"} <= set(report)
     assert (Path(report["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    keys = load_file(str(Path(report["adapter_dir"]) / "adapter_model.safetensors"))
+    assert keys and all("lora_" in key for key in keys)  # LoRA-only by default: what vLLM --enable-lora serves
+    with_vision = CliRunner().invoke(
+        main, [*map(str, args[:4]), str(tmp_path / "v"), *map(str, args[5:]), "--rank", "2", "--train-vision", "--json"]
+    )
+    assert with_vision.exit_code == 0, with_vision.output
+    keys = load_file(str(tmp_path / "v" / "adapter_model.safetensors"))
+    assert any("vision_tower" in key and "lora_" not in key for key in keys)  # the tower rides in the adapter
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     bad = CliRunner().invoke(
         main, ["train", "--data", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x"), "--model", str(model)]

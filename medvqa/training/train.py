@@ -47,8 +47,12 @@ class TrainSettings:
         default=0, metadata={"help": "Processes preparing batches (0: the training process does it)."}
     )
     train_vision: bool = field(
-        default=True,
-        metadata={"help": "Also train the vision tower and projector in full (PEFT modules_to_save)."},
+        default=False,
+        metadata={
+            "help": "Also train the vision tower and projector in full (PEFT modules_to_save). Off by default: "
+            "such an adapter is not LoRA-only, so vLLM's --enable-lora cannot serve it; the vision side belongs "
+            "to the base (see medvqa.training.default_recipe)."
+        },
     )
 
     def __post_init__(self) -> None:
