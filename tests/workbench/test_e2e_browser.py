@@ -34,6 +34,19 @@ pytestmark = [
 ]
 
 
+REAL_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "vqa-rad" / "images"
+
+
+def demo_data(root: Path) -> Path:
+    """Three demo images: the fake VQA-RAD's rows, with real radiographs in place of its flat shades when the
+    dataset is beside the checkout (so the screenshot shows what a clinician sees)."""
+    folder = fake_vqa_rad(root)
+    real = sorted(REAL_IMAGES.glob("*.jpg"))[:3] if REAL_IMAGES.is_dir() else []
+    for source, name in zip(real, ("synpic1", "synpic2", "synpic3"), strict=False):
+        shutil.copyfile(source, folder / "images" / f"{name}.jpg")
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -56,10 +69,10 @@ def wait_healthy(url: str, server: subprocess.Popen, seconds: float = 90) -> Non
 
 @pytest.fixture
 def server(app_env, tmp_path):
-    """`medvqa demo` on three fake VQA-RAD images, serving on a free port given through Streamlit's own variable."""
+    """`medvqa demo` on three demo images, serving on a free port given through Streamlit's own variable."""
     port = free_port()
     env = {**app_env, "STREAMLIT_SERVER_PORT": str(port), "STREAMLIT_SERVER_ADDRESS": "127.0.0.1"}
-    env |= {"MEDVQA_DEMO_DATA": str(fake_vqa_rad(tmp_path / "vqa-rad"))}
+    env |= {"MEDVQA_DEMO_DATA": str(demo_data(tmp_path / "vqa-rad"))}
     env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # a busy 2-core machine: keep torch on one thread
     log = (tmp_path / "server.log").open("wb")
     process = subprocess.Popen([MEDVQA, "demo", "--no-browser"], env=env, stdout=log, stderr=subprocess.STDOUT)
