@@ -241,6 +241,7 @@ def eval_command(
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = 2 x rank).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade about 30% speed for activation memory (7B bases).")
 @click.option(
     "--train-vision",
     is_flag=True,
@@ -257,6 +258,7 @@ def train_command(
     batch_size: int,
     seed: int,
     rank: int,
+    gradient_checkpointing: bool,
     train_vision: bool,
     as_json: bool,
 ) -> None:
@@ -276,6 +278,7 @@ def train_command(
             seed=seed,
             max_steps=max_steps,
             train_vision=train_vision,
+            gradient_checkpointing=gradient_checkpointing,
         )
         lora = LoraSettings(r=rank, alpha=2 * rank)
     except ValueError as exc:

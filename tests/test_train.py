@@ -144,3 +144,16 @@ def test_cli_trains_and_refuses_bad_data_in_one_line(db, cli_env, data_file, tin
     )
     assert bad.exit_code == 1 and bad.stderr.startswith("medvqa: error:") and "bad.jsonl line 1" in bad.stderr
     assert bad.stderr.count("\n") == 1
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(data_file, tiny_checkpoints, tmp_path, torch_single_thread):
+    """Recomputing activations must not change what is learnt: same seed, same adapter bytes."""
+    model = tiny_checkpoints("llava")
+    plain = TrainSettings(max_steps=3, batch_size=2, learning_rate=1e-2, seed=3)
+    checkpointed = TrainSettings(max_steps=3, batch_size=2, learning_rate=1e-2, seed=3, gradient_checkpointing=True)
+    first = train_adapter(model, data_file, tmp_path / "plain", LORA, plain, progress=False)
+    second = train_adapter(model, data_file, tmp_path / "ckpt", LORA, checkpointed, progress=False)
+    assert second.train_loss == pytest.approx(first.train_loss, rel=1e-5)
+    assert second.adapter_sha256 == first.adapter_sha256
+    record = json.loads((tmp_path / "ckpt" / TRAIN_RECORD).read_text())
+    assert record["train_settings"]["gradient_checkpointing"] is True
