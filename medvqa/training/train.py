@@ -196,8 +196,7 @@ def trainer_for(
         disable_tqdm=not progress,
         remove_unused_columns=False,
         dataloader_num_workers=settings.dataloader_workers,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # the reentrant form breaks with frozen inputs
+        **_checkpointing(settings.gradient_checkpointing),
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = Trainer(
@@ -206,6 +205,18 @@ def trainer_for(
     if not progress:  # without tqdm the Trainer prints each log line; keep stdout clean for --json
         trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _checkpointing(enabled: bool) -> dict[str, Any]:
+    """TrainingArguments for activation recomputation, named so transformers 5.0 and later take them."""
+    import transformers
+
+    if not enabled:
+        return {}
+    # The reentrant form breaks with frozen inputs (LoRA); newer transformers renamed the arguments.
+    if "activation_checkpointing" in getattr(transformers.TrainingArguments, "__dataclass_fields__", {}):
+        return {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 def _write_record(
