@@ -96,9 +96,14 @@ def filter_choices(db: Database, actor: Actor) -> dict[str, list[str]]:
         }
 
 
-def export_csv(db: Database, actor: Actor, search: AuditFilter = AuditFilter()) -> str:
-    """Every matching event in seq order as CSV (hashes included, so the export can be checked later).
-    The export itself is recorded in the trail, with its filter and row count."""
+def export_csv(db: Database, actor: Actor, search: AuditFilter = AuditFilter(), *, raw: bool = False) -> str:
+    """Every matching event in seq order as CSV (hashes included). The export itself is recorded in the trail,
+    with its filter, row count and form.
+
+    By default a cell that a spreadsheet would run as a formula (starting with = + - @ or a tab or carriage
+    return) gets a leading apostrophe (OWASP's CSV-injection advice). `raw=True` writes the stored values
+    unchanged, for re-computing the hashes; such a file must not be opened in a spreadsheet.
+    """
     authorize(db, actor, Action.AUDIT_EXPORT, "audit")
     query = search.apply(select(AuditEvent)).order_by(AuditEvent.seq).limit(MAX_ROWS)
     buffer = io.StringIO()
@@ -107,9 +112,14 @@ def export_csv(db: Database, actor: Actor, search: AuditFilter = AuditFilter()) 
     count = 0
     with db.read_session() as session:
         for event in session.scalars(query):
-            writer.writerow(_row(event))
+            row = _row(event)
+            writer.writerow(row if raw else {name: _defuse(value) for name, value in row.items()})
             count += 1
-    details = {"rows": count, "filter": {k: str(v) for k, v in asdict(search).items() if v}}
+    details = {
+        "rows": count,
+        "filter": {k: str(v) for k, v in asdict(search).items() if v},
+        "form": "raw" if raw else "spreadsheet-safe",
+    }
     write(db, lambda s: audit.record(s, actor, Action.AUDIT_EXPORT, "audit", None, details=details))
     return buffer.getvalue()
 
@@ -122,6 +132,14 @@ def verify_trail(db: Database, actor: Actor, strict: bool = False) -> VerifyRepo
     outcome = "success" if report.ok else "failed"
     write(db, lambda s: audit.record(s, actor, Action.AUDIT_VERIFY, "audit", None, outcome=outcome, details=summary))
     return report
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _defuse(value: Any) -> Any:
+    """The cell with a leading apostrophe when a spreadsheet would read it as a formula."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def _row(event: AuditEvent) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -216,3 +217,20 @@ def test_a_candidate_that_failed_or_lacks_the_gate_cannot_be_requested(db, metri
     assert (event.action, event.outcome) == ("model:adapter:request_promotion", "failed")
     assert why in event.details["reason"]
     assert status_of(db) == {"r": "candidate"}
+
+
+def test_csv_export_defuses_spreadsheet_formulas_unless_raw_is_asked(db):
+    from medvqa.services import audit
+    from medvqa.services.transaction import write
+
+    auditor = factories.make_user(db, "auditor")
+    write(db, lambda s: audit.record(s, auditor, "audit:chain:verify", "audit", '=HYPERLINK("http://x")'))
+    write(db, lambda s: audit.record(s, auditor, "audit:chain:verify", "audit", "-2+3"))
+    safe = list(csv.DictReader(io.StringIO(export_csv(db, auditor, AuditFilter(action="audit:chain:verify")))))
+    assert [row["object_id"] for row in safe] == ['\'=HYPERLINK("http://x")', "'-2+3"]
+    assert all(len(row["hash"]) == 64 for row in safe)  # hex hashes never need defusing
+    raw = export_csv(db, auditor, AuditFilter(action="audit:chain:verify"), raw=True)
+    assert [row["object_id"] for row in csv.DictReader(io.StringIO(raw))] == ['=HYPERLINK("http://x")', "-2+3"]
+    exports = list_events(db, auditor, AuditFilter(action="audit:event:export"))
+    forms = [json.loads(e["details"])["form"] for e in exports]
+    assert sorted(forms) == ["raw", "spreadsheet-safe"]

@@ -51,8 +51,13 @@ def verify_panel(actor) -> None:
 
 def export_panel(actor, search: AuditFilter) -> None:
     """Exporting is itself an audited action: the CSV is made (and recorded) on request, then downloaded."""
+    raw = st.checkbox(
+        "Raw values (to re-check hashes; do not open in a spreadsheet)",
+        key="export_raw",
+        help="By default, cells a spreadsheet would run as formulas get a leading apostrophe.",
+    )
     if st.button("Prepare CSV export", key="export"):
-        exported = attempt(lambda: export_csv(resources.database(), actor, search))
+        exported = attempt(lambda: export_csv(resources.database(), actor, search, raw=raw))
         if exported is not None:
             st.session_state["audit_csv"] = exported
     exported = st.session_state.get("audit_csv")
