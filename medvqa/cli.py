@@ -6,20 +6,23 @@ print one line (`medvqa: error: ...`) and exit non-zero; `--json` prints machine
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from medvqa.cli_support import OneLineErrorGroup
+from medvqa.cli_support import emit as _emit
+from medvqa.cli_support import json_option as _json_option
+from medvqa.cli_support import open_database as _open_database
+from medvqa.cli_support import operator as _operator
+from medvqa.cli_support import signed_in as _signed_in
 from medvqa.errors import MedVQAError
 
 if TYPE_CHECKING:
     from medvqa.db.engine import Database
-    from medvqa.services.audit import Actor
 
 DEMO_PASSWORD = "medvqa-demo-password"
 DEMO_USERS = {  # username -> role; the demo is for trying the workbench, never for patient data
@@ -31,56 +34,7 @@ DEMO_USERS = {  # username -> role; the demo is for trying the workbench, never 
 }
 
 
-class MedVQAGroup(click.Group):
-    """Turns expected failures into one line on stderr and exit status 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        from sqlalchemy.exc import OperationalError
-
-        try:
-            return super().invoke(ctx)
-        except MedVQAError as exc:
-            _fail(str(exc))
-        except OperationalError as exc:
-            _fail(f"cannot use the database: {str(exc.orig).strip().splitlines()[0]}")
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"medvqa: error: {message}", err=True)
-    sys.exit(1)
-
-
-def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
-    click.echo(json.dumps(payload, indent=2, default=str) if as_json else text)
-
-
-def _open_database(*, migrated: bool = True) -> Database:
-    from medvqa.config import load_settings
-    from medvqa.db.engine import Database
-    from medvqa.db.migrate import ensure_current
-
-    settings = load_settings()
-    if settings.sqlalchemy_url.get_backend_name() == "sqlite":
-        settings.home.mkdir(parents=True, exist_ok=True)
-    db = Database.from_settings(settings)
-    if migrated:
-        ensure_current(db)
-    return db
-
-
-def _operator() -> Actor:
-    """The person at the command line. Shell access plus database credentials is administrative power,
-    so the CLI acts as admin; the audit trail records the operating-system account."""
-    from medvqa.services.audit import Actor
-
-    return Actor(name=f"cli:{getpass.getuser()}", role="admin")
-
-
-def _json_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(func)
-
-
-@click.group(name="medvqa", cls=MedVQAGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="medvqa", cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medvqa")
 def main() -> None:
     """Medical visual question answering: DICOM studies, a LoRA-tuned vision-language model,
@@ -290,19 +244,6 @@ def train_command(
         f"loss {result.train_loss:.4f}, {result.seconds:.1f} s"
     )
     _emit(as_json, result.as_dict(), text)
-
-
-def _signed_in(database: Database, username: str) -> Actor:
-    """The named account, after its password (prompt, or the first line of standard input) matches."""
-    from medvqa.services.users import authenticate
-
-    if sys.stdin.isatty():
-        password = str(click.prompt(f"Password for {username}", hide_input=True))
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        raise MedVQAError("no password on standard input (give it on the first line)")
-    return authenticate(database, username, password)
 
 
 _user_option = click.option(

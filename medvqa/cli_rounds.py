@@ -8,77 +8,20 @@ the audit trail and the two-person rule need to know who; listing and comparing 
 
 from __future__ import annotations
 
-import getpass
-import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any
 
 import click
 
+from medvqa.cli_support import OneLineErrorGroup
+from medvqa.cli_support import emit as _emit
+from medvqa.cli_support import json_option as _json_option
+from medvqa.cli_support import open_database as _open_database
+from medvqa.cli_support import operator as _operator
+from medvqa.cli_support import signed_in as _signed_in
 from medvqa.errors import MedVQAError
 
-if TYPE_CHECKING:
-    from medvqa.db.engine import Database
-    from medvqa.services.audit import Actor
-
-
-class RoundsGroup(click.Group):
-    """Expected failures become one line on stderr and exit status 1, also when the group runs on its own."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        from sqlalchemy.exc import OperationalError
-
-        try:
-            return super().invoke(ctx)
-        except MedVQAError as exc:
-            _fail(str(exc))
-        except OperationalError as exc:
-            _fail(f"cannot use the database: {str(exc.orig).strip().splitlines()[0]}")
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"medvqa: error: {message}", err=True)
-    sys.exit(1)
-
-
-def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
-    click.echo(json.dumps(payload, indent=2, default=str) if as_json else text)
-
-
-def _open_database() -> Database:
-    """The configured database, checked to be at the schema this code expects (as in medvqa/cli.py)."""
-    from medvqa.config import load_settings
-    from medvqa.db.engine import Database
-    from medvqa.db.migrate import ensure_current
-
-    settings = load_settings()
-    database = Database.from_settings(settings)
-    ensure_current(database)
-    return database
-
-
-def _operator() -> Actor:
-    """The person at the command line acts as admin for reading (as in medvqa/cli.py)."""
-    from medvqa.services.audit import Actor
-
-    return Actor(name=f"cli:{getpass.getuser()}", role="admin")
-
-
-def _signed_in(username: str, database: Database) -> Actor:
-    """The named account, after its password (a prompt, or the first line of standard input) matches."""
-    from medvqa.services.users import authenticate
-
-    if sys.stdin.isatty():
-        password = str(click.prompt(f"Password for {username}", hide_input=True))
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        raise MedVQAError("no password on standard input (give it on the first line)")
-    return authenticate(database, username, password)
-
-
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 _user_option = click.option(
     "--user",
     "username",
@@ -88,7 +31,7 @@ _user_option = click.option(
 )
 
 
-@click.group(cls=RoundsGroup)
+@click.group(cls=OneLineErrorGroup)
 def rounds() -> None:
     """Fine-tuning rounds: reviewed feedback -> snapshot -> adapter -> compared with the live one -> promotion."""
 
@@ -127,7 +70,7 @@ def run_command(
     except ValueError as exc:
         raise MedVQAError(str(exc)) from None
     database = _open_database()
-    actor = _signed_in(username, database)
+    actor = _signed_in(database, username)
     outcome = run_round(database, actor, load_settings(), options, progress=not as_json)
     overall = outcome.test["rows"][0]
     verdict = "passed" if outcome.gate_passed else "FAILED: " + "; ".join(outcome.gate_reasons)
@@ -189,7 +132,7 @@ def promote_command(adapter_id: int, reason: str, username: str, as_json: bool) 
     from medvqa.services.rounds import request_round_promotion
 
     database = _open_database()
-    actor = _signed_in(username, database)
+    actor = _signed_in(database, username)
     if actor.role == "admin":
         promotion.approve_promotion(database, actor, adapter_id)
         step, text = "approved", f"adapter {adapter_id} is live (approved by {actor.name})"
@@ -208,7 +151,7 @@ def rollback_command(reason: str, username: str, as_json: bool) -> None:
     from medvqa.services import promotion
 
     database = _open_database()
-    restored = promotion.rollback(database, _signed_in(username, database), reason)
+    restored = promotion.rollback(database, _signed_in(database, username), reason)
     now = f"adapter {restored}" if restored is not None else "the base model (no adapter)"
     _emit(as_json, {"restored": restored}, f"rolled back: answers now come from {now}")
 
@@ -223,7 +166,7 @@ def reproduce_command(round_id: int, username: str, as_json: bool) -> None:
     from medvqa.services.round_reproduce import reproduce_round
 
     database = _open_database()
-    actor = _signed_in(username, database)
+    actor = _signed_in(database, username)
     report = reproduce_round(database, actor, load_settings(), round_id, progress=not as_json)
     same = "the same adapter" if report["same_adapter"] else "a DIFFERENT adapter"
     hashes = f"{report['rerun_sha256'][:12]}, recorded {str(report['recorded_sha256'])[:12]}"

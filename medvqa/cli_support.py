@@ -1,0 +1,84 @@
+"""What every `medvqa` command group shares: one-line errors, output, the database, and who is acting.
+
+Kept apart from medvqa/cli.py so that command groups in their own modules (cli_rounds.py) use the same pieces
+without importing the main command (which registers them).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from medvqa.errors import MedVQAError
+
+if TYPE_CHECKING:
+    from medvqa.db.engine import Database
+    from medvqa.services.audit import Actor
+
+
+class OneLineErrorGroup(click.Group):
+    """Turns expected failures into one line on stderr and exit status 1 (also for a group run on its own)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            return super().invoke(ctx)
+        except MedVQAError as exc:
+            fail(str(exc))
+        except OperationalError as exc:
+            fail(f"cannot use the database: {str(exc.orig).strip().splitlines()[0]}")
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"medvqa: error: {message}", err=True)
+    sys.exit(1)
+
+
+def emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
+    click.echo(json.dumps(payload, indent=2, default=str) if as_json else text)
+
+
+def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(func)
+
+
+def open_database(*, migrated: bool = True) -> Database:
+    """The configured database; with `migrated`, checked to be at the schema this code expects."""
+    from medvqa.config import load_settings
+    from medvqa.db.engine import Database
+    from medvqa.db.migrate import ensure_current
+
+    settings = load_settings()
+    if settings.sqlalchemy_url.get_backend_name() == "sqlite":
+        settings.home.mkdir(parents=True, exist_ok=True)
+    db = Database.from_settings(settings)
+    if migrated:
+        ensure_current(db)
+    return db
+
+
+def operator() -> Actor:
+    """The person at the command line. Shell access plus database credentials is administrative power,
+    so the CLI acts as admin; the audit trail records the operating-system account."""
+    from medvqa.services.audit import Actor
+
+    return Actor(name=f"cli:{getpass.getuser()}", role="admin")
+
+
+def signed_in(database: Database, username: str) -> Actor:
+    """The named account, after its password (prompt, or the first line of standard input) matches."""
+    from medvqa.services.users import authenticate
+
+    if sys.stdin.isatty():
+        password = str(click.prompt(f"Password for {username}", hide_input=True))
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise MedVQAError("no password on standard input (give it on the first line)")
+    return authenticate(database, username, password)
