@@ -41,15 +41,13 @@ def prepare(home: Path, examples: int, test_questions: int) -> Path:
     """Import the images, record and adjudicate `examples` answers; write the locked test set; return its path."""
     from sqlalchemy import select
 
-    from medvqa.db import Instance, Series
+    from medvqa.db import Series
     from medvqa.db.engine import Database
     from medvqa.db.migrate import upgrade
     from medvqa.imaging.demo import build_demo_files
-    from medvqa.imaging.model_input import to_model_input
-    from medvqa.imaging.series import read_series_files
-    from medvqa.imaging.store import ContentStore
     from medvqa.services.answers import AnswerRecord, record_answer
     from medvqa.services.audit import Actor
+    from medvqa.services.images import model_input
     from medvqa.services.review import ReviewInput, adjudicate
     from medvqa.services.studies import import_paths
     from medvqa.services.users import add_user
@@ -71,7 +69,6 @@ def prepare(home: Path, examples: int, test_questions: int) -> Path:
         Actor(clinician.username, "clinician", clinician.id),
         Actor(reviewer.username, "reviewer", reviewer.id),
     )
-    store = ContentStore(settings.store_dir)
     held_stems = {Path(image).stem for image in held}
     by_image: dict[str, tuple[int, int, Any]] = {}
     for file in files:  # one import per image: the study of each image is known without reading tags back
@@ -80,15 +77,14 @@ def prepare(home: Path, examples: int, test_questions: int) -> Path:
         study_id = import_paths(db, operator, [file], settings).study_ids[0]
         with db.read_session() as session:
             series_id = session.scalars(select(Series.id).where(Series.study_id == study_id)).one()
-            paths = session.scalars(select(Instance.storage_path).where(Instance.series_id == series_id)).all()
-        by_image[file.stem] = (study_id, series_id, paths)
+        # what `ask` would show the model, computed once per image (its questions share it)
+        by_image[file.stem] = (study_id, series_id, model_input(db, asker, series_id, settings))
     chosen = [row for row in rows if row["image"] not in held][:examples]
     recorded = 0
     for row in chosen:
         if Path(row["image"]).stem not in by_image:
             continue
-        study_id, series_id, paths = by_image[Path(row["image"]).stem]
-        prepared = to_model_input(read_series_files([store.path(p) for p in paths]), None, None, 128)
+        study_id, series_id, prepared = by_image[Path(row["image"]).stem]
         answer = AnswerRecord(
             text="yes",  # what a naive model says; the reviewer's reference answer replaces it in the snapshot
             model_ref="bench@000000000000",
