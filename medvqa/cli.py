@@ -197,6 +197,11 @@ def eval_command(
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = 2 x rank).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade about 30% speed for activation memory (7B bases).")
 @click.option(
+    "--quantize-4bit",
+    is_flag=True,
+    help="QLoRA: hold the base's language model in 4-bit NF4 (needs bitsandbytes: pip install 'medvqa[qlora]').",
+)
+@click.option(
     "--train-vision",
     is_flag=True,
     help="Also train the vision tower and projector (saved in the adapter; vLLM cannot serve such an adapter).",
@@ -213,6 +218,7 @@ def train_command(
     seed: int,
     rank: int,
     gradient_checkpointing: bool,
+    quantize_4bit: bool,
     train_vision: bool,
     as_json: bool,
 ) -> None:
@@ -233,6 +239,7 @@ def train_command(
             max_steps=max_steps,
             train_vision=train_vision,
             gradient_checkpointing=gradient_checkpointing,
+            quantize_4bit=quantize_4bit,
         )
         lora = LoraSettings(r=rank, alpha=2 * rank)
     except ValueError as exc:

@@ -44,6 +44,8 @@ def rounds() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = 2 x rank).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade about 30% speed for activation memory (7B bases).")
+@click.option("--quantize-4bit", is_flag=True, help="QLoRA: 4-bit NF4 base (needs bitsandbytes; 'medvqa[qlora]').")
 @_user_option
 @_json_option
 def run_command(
@@ -54,6 +56,8 @@ def run_command(
     batch_size: int,
     seed: int,
     rank: int,
+    gradient_checkpointing: bool,
+    quantize_4bit: bool,
     username: str,
     as_json: bool,
 ) -> None:
@@ -65,7 +69,15 @@ def run_command(
     from medvqa.training.train import TrainSettings
 
     try:
-        train = TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, seed=seed, max_steps=max_steps)
+        train = TrainSettings(
+            epochs=epochs,
+            learning_rate=lr,
+            batch_size=batch_size,
+            seed=seed,
+            max_steps=max_steps,
+            gradient_checkpointing=gradient_checkpointing,
+            quantize_4bit=quantize_4bit,
+        )
         options = RoundOptions(since_round=since_round, train=train, lora=LoraSettings(r=rank, alpha=2 * rank))
     except ValueError as exc:
         raise MedVQAError(str(exc)) from None

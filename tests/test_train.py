@@ -157,3 +157,46 @@ def test_gradient_checkpointing_trains_the_same_adapter(data_file, tiny_checkpoi
     assert second.adapter_sha256 == first.adapter_sha256
     record = json.loads((tmp_path / "ckpt" / TRAIN_RECORD).read_text())
     assert record["train_settings"]["gradient_checkpointing"] is True
+
+
+def test_four_bit_loading_quantizes_the_language_model_only(tiny_checkpoints):
+    from bitsandbytes.nn import Linear4bit
+
+    loaded = load_vlm(tiny_checkpoints("llava"), device="cpu", dtype="float32", quantize_4bit=True)
+    kinds = {name: type(module) for name, module in loaded.model.named_modules() if isinstance(module, torch.nn.Linear)}
+    language = [name for name in kinds if ".language_model." in name]
+    assert language and all(issubclass(kinds[name], Linear4bit) for name in language)
+    others = [name for name in kinds if ".language_model." not in name]  # tower, projector, lm_head
+    assert others and not any(issubclass(kinds[name], Linear4bit) for name in others)
+    assert loaded.model_ref == load_vlm(tiny_checkpoints("llava"), device="cpu").model_ref  # same checkpoint
+
+
+def test_qlora_trains_an_ordinary_adapter_of_the_full_precision_base(data_file, tiny_checkpoints, tmp_path):
+    base = tiny_checkpoints("llava")
+    settings = TrainSettings(max_steps=12, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, quantize_4bit=True)
+    result = train_adapter(base, data_file, tmp_path / "out", LORA, settings, progress=False)
+    record = json.loads((tmp_path / "out" / TRAIN_RECORD).read_text())
+    assert record["train_settings"]["quantize_4bit"] is True
+    losses = record["loss_history"]
+    assert result.steps == 12 and losses[-1] < losses[0], losses
+    tensors = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert tensors and all("lora_" in name and ".language_model." in name for name in tensors)  # LoRA-only
+    example = load_vqa_jsonl(data_file)[0]
+    fresh = load_vlm(base, device="cpu", dtype="float32")  # served in full precision, as QLoRA adapters are
+    untrained = _logits(fresh.model, fresh, example)
+    adapted = load_adapter(fresh, result.adapter_dir)
+    assert not torch.allclose(_logits(adapted.model, adapted, example), untrained, atol=1e-4)
+
+
+def test_four_bit_without_bitsandbytes_is_refused_in_one_line(tiny_checkpoints, monkeypatch):
+    import importlib.util
+
+    from medvqa.errors import ModelError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(ModelError, match=r"needs the bitsandbytes package: pip install 'medvqa\[qlora\]'") as caught:
+        load_vlm(tiny_checkpoints("llava"), device="cpu", dtype="float32", quantize_4bit=True)
+    assert "\n" not in str(caught.value)

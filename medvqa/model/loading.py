@@ -99,15 +99,23 @@ def check_checkpoint(path: Path) -> str:
     return str(model_type)
 
 
-def load_vlm(path: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load model + processor from the local folder `path`, in eval mode, on `device` with `dtype`."""
+def load_vlm(path: Path, device: str = "auto", dtype: str = "auto", *, quantize_4bit: bool = False) -> LoadedModel:
+    """Load model + processor from the local folder `path`, in eval mode, on `device` with `dtype`.
+
+    `quantize_4bit` (QLoRA's base) stores the language model's linear weights in 4-bit NF4 with bitsandbytes,
+    computing in `dtype`; the vision tower, projector and output head stay in `dtype`. The model_ref is the
+    checkpoint's: an adapter trained on the 4-bit base is an ordinary LoRA adapter of the same checkpoint.
+    """
     path = Path(path).expanduser()
     model_type = check_checkpoint(path)
     device_name, natural = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, natural)
     model_ref = f"{path.resolve().name}@{weights_sha256(path)[:REF_HASH_CHARS]}"
     processor = _load_processor(path, model_type)
-    model = _load_model(path, torch_dtype).to(device_name).eval()
+    if quantize_4bit:
+        model = _load_model(path, torch_dtype, _four_bit(torch_dtype), device_name).eval()
+    else:
+        model = _load_model(path, torch_dtype).to(device_name).eval()
     setattr(model, MODEL_REF_ATTRIBUTE, model_ref)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     return LoadedModel(model=model, processor=processor, model_ref=model_ref, device=device_name, dtype=dtype_name)
@@ -131,14 +139,36 @@ def _load_processor(path: Path, model_type: str) -> Any:
         raise ModelError(f"Cannot load the processor from {path}: {_one_line(exc)}") from exc
 
 
-def _load_model(path: Path, torch_dtype: torch.dtype) -> Any:
+# Modules QLoRA keeps in full precision, by the names the supported families use (transformers 5).
+UNQUANTIZED_MODULES = ["vision_tower", "vision_model", "visual", "multi_modal_projector", "connector", "lm_head"]
+
+
+def _four_bit(compute_dtype: torch.dtype) -> Any:
+    """QLoRA's quantisation (NF4, double quantisation), or a one-line error when bitsandbytes is missing."""
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("4-bit loading (QLoRA) needs the bitsandbytes package: pip install 'medvqa[qlora]'.")
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=[f".*{name}" for name in UNQUANTIZED_MODULES],  # at any depth (transformers 5 regex)
+    )
+
+
+def _load_model(path: Path, torch_dtype: torch.dtype, quantization: Any = None, device: str | None = None) -> Any:
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a per-load bar is CLI noise
+    placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
     try:
         return AutoModelForImageTextToText.from_pretrained(
-            path, local_files_only=True, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
+            path, local_files_only=True, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False, **placement
         )
     except Exception as exc:  # a broken or foreign file can fail in many ways; all mean "this checkpoint is unusable"
         raise ModelError(f"Cannot load the model weights from {path}: {_one_line(exc)}") from exc

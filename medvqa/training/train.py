@@ -50,6 +50,13 @@ class TrainSettings:
         default=False,
         metadata={"help": "Recompute activations in the backward pass: less memory (7B bases), about 30% slower."},
     )
+    quantize_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: train on a base whose language model is held in 4-bit NF4 (bitsandbytes), for 7B+ "
+            "bases on small GPUs. The adapter is an ordinary LoRA folder of the same base."
+        },
+    )
     train_vision: bool = field(
         default=False,
         metadata={
@@ -117,8 +124,11 @@ def train_adapter(
 
     examples = load_vqa_jsonl(data)
     set_seed(settings.seed)
-    loaded = load_vlm(base, device="cpu", dtype="float32")  # the Trainer moves it and uses mixed precision
-    model = _attach(loaded.model, lora, settings.train_vision)
+    if settings.quantize_4bit:  # bitsandbytes places the 4-bit weights at load time; the Trainer cannot move them
+        loaded = load_vlm(base, device="auto", dtype="auto", quantize_4bit=True)
+    else:
+        loaded = load_vlm(base, device="cpu", dtype="float32")  # the Trainer moves it and uses mixed precision
+    model = _attach(loaded.model, lora, settings)
     collator = AnswerCollator(loaded.processor, load_prompt(DEFAULT_PROMPT_VERSION))
     with tempfile.TemporaryDirectory(prefix="medvqa-train-") as scratch:
         trainer = trainer_for(model, VQADataset(examples), collator, settings, Path(scratch), progress)
@@ -139,13 +149,18 @@ def train_adapter(
     return result
 
 
-def _attach(model: Any, lora: LoraSettings, train_vision: bool) -> PeftModel:
+def _attach(model: Any, lora: LoraSettings, settings: TrainSettings) -> PeftModel:
     """LoRA on the language model; with train_vision the vision tower and projector become modules_to_save."""
+    from peft import prepare_model_for_kbit_training
     from peft.tuners.tuners_utils import BaseTuner
     from peft.utils.other import set_additional_trainable_modules
 
+    if settings.quantize_4bit:  # casts norms to float32 and lets gradients reach the LoRA inputs
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
     peft_model = attach_lora(model, lora)
-    if train_vision:
+    if settings.train_vision:
         present = {name.rpartition(".")[2] for name, _ in model.named_modules()}
         config: Any = peft_model.peft_config["default"]  # a LoraConfig
         config.modules_to_save = sorted(present & set(VISION_MODULES))
@@ -161,8 +176,8 @@ def _attach(model: Any, lora: LoraSettings, train_vision: bool) -> PeftModel:
 
 def trainer_for(
     model: Any,
-    dataset: VQADataset,
-    collator: AnswerCollator,
+    dataset: Any,
+    collator: Any,
     settings: TrainSettings,
     scratch: Path,
     progress: bool,
