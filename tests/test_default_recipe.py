@@ -74,7 +74,16 @@ def test_holdout_refuses_a_fraction_outside_zero_one():
 
 
 def test_settings_refuse_bad_values():
-    for bad in ({"vqa_epochs": 0}, {"align_epochs": -1}, {"lora_lr": 0.0}, {"lora_r": 0}, {"batch_size": 0}):
+    bad_values = (
+        {"vqa_epochs": 0},
+        {"align_epochs": -1},
+        {"pretrain_epochs": -1},
+        {"pretrain_lr": 0.0},
+        {"lora_lr": 0.0},
+        {"lora_r": 0},
+        {"batch_size": 0},
+    )
+    for bad in bad_values:
         with pytest.raises(ValueError):
             RecipeSettings(**bad)
 
@@ -160,10 +169,11 @@ def data_file(tmp_path):
 
 def test_both_stages_run_and_leave_a_package_and_a_record(data_file, tiny_checkpoints, tmp_path, torch_single_thread):
     base = tiny_checkpoints("llava")
-    recipe = RecipeSettings(align_epochs=1, vqa_epochs=1, batch_size=4, lora_r=4)
+    recipe = RecipeSettings(pretrain_epochs=1, align_epochs=1, vqa_epochs=1, batch_size=4, lora_r=4)
     record = train_default_weights(base, data_file, tmp_path / "out", recipe, validation_fraction=0.25, progress=False)
 
-    assert set(record["stages"]) == {"align", "vqa"}
+    assert set(record["stages"]) == {"pretrain", "align", "vqa"}
+    assert set(record["stages"]["pretrain"]["train_accuracy"]) == {"organ", "modality", "plane"}
     assert record["stages"]["align"]["steps"] >= 1 and record["stages"]["vqa"]["steps"] >= 1
     assert record["train_examples"] + record["validation_examples"] == 8 and record["validation_examples"] >= 1
     assert record["validation"]["counts"]["n"] == record["validation_examples"]
@@ -182,7 +192,9 @@ def test_both_stages_run_and_leave_a_package_and_a_record(data_file, tiny_checkp
 def test_stage_one_alone_leaves_the_language_model_frozen(data_file, tiny_checkpoints, tmp_path, torch_single_thread):
     """With vqa learning rates near zero, what the package changes in the LM comes from stage 2 alone."""
     base = tiny_checkpoints("llava")
-    recipe = RecipeSettings(align_epochs=1, vqa_epochs=1, batch_size=4, lora_r=4, lora_lr=1e-30, vision_lr=1e-30)
+    recipe = RecipeSettings(
+        pretrain_epochs=0, align_epochs=1, vqa_epochs=1, batch_size=4, lora_r=4, lora_lr=1e-30, vision_lr=1e-30
+    )
     train_default_weights(base, data_file, tmp_path / "out", recipe, progress=False)
     fresh = load_vlm(base, device="cpu", dtype="float32")
     before = {n: p.clone() for n, p in fresh.model.named_parameters()}
@@ -194,6 +206,34 @@ def test_stage_one_alone_leaves_the_language_model_frozen(data_file, tiny_checkp
     assert any(not torch.equal(before[n], dict(merged.named_parameters())[n]) for n in vision)  # stage 1 trained
 
 
+def test_after_stage_zero_stage_one_trains_the_projector_and_leaves_the_tower(
+    data_file, tiny_checkpoints, tmp_path, torch_single_thread, monkeypatch
+):
+    """LLaVA's stage 1 (projector only) once stage 0 has trained the tower; stage 2 is held still here."""
+    import medvqa.training.default_recipe as recipe_module
+
+    snapshots = {}
+    real = recipe_module.pretrain_vision_tower
+
+    def pretrain_and_snapshot(model, *args, **kwargs):
+        summary = real(model, *args, **kwargs)
+        for part, module in vision_modules(model).items():
+            snapshots.update({f"{part}.{n}": t.detach().clone() for n, t in module.state_dict().items()})
+        return summary
+
+    monkeypatch.setattr(recipe_module, "pretrain_vision_tower", pretrain_and_snapshot)
+    recipe = RecipeSettings(
+        pretrain_epochs=1, align_epochs=1, vqa_epochs=1, batch_size=4, lora_r=4, lora_lr=1e-30, vision_lr=1e-30
+    )
+    train_default_weights(tiny_checkpoints("llava"), data_file, tmp_path / "out", recipe, progress=False)
+
+    saved = load_file(str(tmp_path / "out" / VISION_WEIGHTS))
+    tower = [n for n in saved if n.startswith("vision_tower.")]
+    projector = [n for n in saved if n.startswith("multi_modal_projector.")]
+    assert tower and all(torch.equal(saved[n], snapshots[n].half()) for n in tower)  # as stage 0 left it
+    assert any(not torch.equal(saved[n], snapshots[n].half()) for n in projector)  # stage 1 moved it
+
+
 def test_command_line_runs_the_recipe(data_file, tiny_checkpoints, tmp_path, torch_single_thread, capsys):
     code = main(
         [
@@ -203,6 +243,8 @@ def test_command_line_runs_the_recipe(data_file, tiny_checkpoints, tmp_path, tor
             str(data_file),
             "--output",
             str(tmp_path / "cli"),
+            "--pretrain-epochs",
+            "0",
             "--align-epochs",
             "0",
             "--vqa-epochs",
@@ -215,5 +257,5 @@ def test_command_line_runs_the_recipe(data_file, tiny_checkpoints, tmp_path, tor
     )
     assert code == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(printed["stages"]) == {"vqa"}  # --align-epochs 0 skips stage 1
+    assert set(printed["stages"]) == {"vqa"}  # --pretrain-epochs 0 and --align-epochs 0 skip stages 0 and 1
     assert (tmp_path / "cli" / VISION_WEIGHTS).is_file() and (tmp_path / "cli" / LORA_FOLDER).is_dir()

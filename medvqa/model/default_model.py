@@ -48,10 +48,10 @@ class DefaultModelConfig:
     vision_tower: Literal["clip", "siglip"] = field(
         default="clip", metadata={"help": "CLIP ViT (has a class token) or SigLIP ViT (patches only)."}
     )
-    vision_hidden_size: int = field(default=384, metadata={"help": "Width of the vision transformer."})
-    vision_layers: int = field(default=6, metadata={"help": "Number of vision transformer layers."})
-    vision_heads: int = field(default=6, metadata={"help": "Attention heads per vision layer; divides the width."})
-    vision_intermediate_size: int = field(default=1536, metadata={"help": "Width of each vision MLP."})
+    vision_hidden_size: int = field(default=256, metadata={"help": "Width of the vision transformer."})
+    vision_layers: int = field(default=4, metadata={"help": "Number of vision transformer layers."})
+    vision_heads: int = field(default=4, metadata={"help": "Attention heads per vision layer; divides the width."})
+    vision_intermediate_size: int = field(default=1024, metadata={"help": "Width of each vision MLP."})
     projector_type: str = field(
         default="mlp2x_gelu", metadata={"help": "Vision-to-text projector; LLaVA's Linear-GELU-Linear is the one."}
     )
