@@ -410,3 +410,27 @@ def test_ensure_default_model_folds_a_package_once_and_refuses_another_source(vl
     base_q = dict(vlm.model.named_parameters())["model.language_model.layers.0.self_attn.q_proj.weight"]
     folded_q = dict(folded.model.named_parameters())["model.language_model.layers.0.self_attn.q_proj.weight"]
     assert not torch.equal(base_q, folded_q)  # the LoRA was merged into the language model
+
+
+@pytest.mark.slow
+def test_the_shipped_weights_fold_into_the_default_model_and_answer_a_radiograph(vlm: Loaded) -> None:
+    """The package under medvqa/model/weights/default/ is what `medvqa demo` answers with: it must build and answer."""
+    from medvqa.model.default_weights import SHIPPED_WEIGHTS, is_package
+    from medvqa.model.generation import answer
+    from medvqa.model.loading import load_vlm
+
+    assert is_package(SHIPPED_WEIGHTS), f"no weights package at {SHIPPED_WEIGHTS}"
+    size = sum(path.stat().st_size for path in SHIPPED_WEIGHTS.rglob("*") if path.is_file())
+    assert size < 20 * 2**20  # the project may ship 50 MB of model artifacts in all, replacements included
+    recipe = json.loads((SHIPPED_WEIGHTS / "recipe.json").read_text())
+    assert recipe["data_file"] == "train.jsonl" and recipe["validation_examples"] == 0  # never test.jsonl
+
+    home = vlm.folder.parents[1]
+    trained = ensure_default_model(home)  # the shipped package, folded once under MEDVQA_HOME
+    assert trained.name.startswith("medvqa-default-trained-")
+    model = load_vlm(trained, device="cpu", dtype="float32")
+    image = Image.open(Path(__file__).resolve().parents[2] / "shared/data/vqa-rad/images/synpic54610.jpg")
+    closed = answer(model, image.convert("RGB"), "Is there a mass in the brain?")
+    assert closed.text.lower() in ("yes", "no") and closed.confidence is not None
+    opened = answer(model, image.convert("RGB"), "What imaging modality is this?")
+    assert opened.text and len(opened.text.split()) <= 8 and opened.confidence is not None

@@ -13,7 +13,8 @@ after a stage that gives the tower something to see:
 2. VQA tuning: LoRA on every language-model linear, with the vision tower and projector still training, each
    at its own learning rate.
 
-The defaults are the recipe of the shipped weights, sized to finish in about an hour on a 2-core CPU.
+The defaults are the recipe of the shipped weights (`medvqa/model/weights/default/recipe.json`): 80 minutes
+on this project's 2-core CPU, most of it in stage 2.
 
 The result is packaged in two parts (`package_weights`): the tower and projector (`vision.safetensors`), which
 become part of the default model itself, and a LoRA-only PEFT folder (`lora/`). `build_trained_model` folds
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RecipeSettings:
-    """The two stages' schedules; invalid values raise ValueError before any model is loaded."""
+    """The stages' schedules; invalid values raise ValueError before any model is loaded."""
 
     pretrain_epochs: float = field(
         default=6.0, metadata={"help": "Stage 0 passes (tower on image-level labels, 8 views per image); 0 skips it."}
