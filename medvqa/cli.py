@@ -426,6 +426,11 @@ def demo(no_app: bool, no_browser: bool) -> None:
     _import_demo_studies(database, settings)
     if no_app:
         return
+    from medvqa.services.evaluation import base_model_path
+
+    # Before the app, not at the first question: the first run converts SmolLM2 and folds the shipped weights.
+    click.echo("preparing the answering model (the first run builds it under MEDVQA_HOME, about a minute)")
+    click.echo(f"model: {base_model_path(settings)}")
     click.echo("starting the workbench (Ctrl+C stops it)")
     _run_workbench(headless=no_browser)
 
