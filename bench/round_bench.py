@@ -11,8 +11,11 @@ would refuse test.jsonl, whose images are also train images). Then, each in a fr
   fine-tuning costs, so `round / baseline` is the price of the round's controls.
 
     .venv/bin/python bench/round_bench.py [--examples 500] [--test-questions 100] [--base DIR] [--epochs 1]
+                                          [--device cpu|auto]
 
---base defaults to the workbench's default model (built under the scratch home on first use).
+--base defaults to the workbench's default model (built under the scratch home on first use). On a GPU machine
+run it with `--device auto`: training goes to the GPU either way (the Trainer's choice), scoring follows
+--device, and the table adds each job's peak GPU memory.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa-rad"
 PASSWORD = "bench-password-123"
 
 
-def _settings(home: Path, locked: Path) -> Any:
+def _settings(home: Path, locked: Path, device: str = "cpu") -> Any:
     from medvqa.config import load_settings
 
-    return load_settings(home=home, locked_test_set=locked, device="cpu", round_min_examples=10)
+    return load_settings(home=home, locked_test_set=locked, device=device, round_min_examples=10)
 
 
 def prepare(home: Path, examples: int, test_questions: int) -> Path:
@@ -105,7 +108,7 @@ def prepare(home: Path, examples: int, test_questions: int) -> Path:
     return locked
 
 
-def run_round_job(home: str, locked: str, base: str | None, epochs: float) -> dict[str, Any]:
+def run_round_job(home: str, locked: str, base: str | None, epochs: float, device: str) -> dict[str, Any]:
     import torch
 
     from medvqa.db.engine import Database
@@ -114,14 +117,14 @@ def run_round_job(home: str, locked: str, base: str | None, epochs: float) -> di
     from medvqa.training.train import TrainSettings
 
     torch.set_num_threads(2)
-    settings = _settings(Path(home), Path(locked))
+    settings = _settings(Path(home), Path(locked), device)
     db = Database.from_settings(settings)
     engineer = Actor("bench.engineer", "ml_engineer")
     options = RoundOptions(train=TrainSettings(epochs=epochs), base_model=Path(base) if base else None)
     started = time.perf_counter()
     outcome = run_round(db, engineer, settings, options)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "peak_mib": _peak_mib(), "dataset_id": outcome.dataset_id, "gate": outcome.gate_passed}
+    return {"seconds": seconds, **_peaks(), "dataset_id": outcome.dataset_id, "gate": outcome.gate_passed}
 
 
 def baseline_job(home: str, base: str | None, epochs: float) -> dict[str, Any]:
@@ -135,7 +138,7 @@ def baseline_job(home: str, base: str | None, epochs: float) -> dict[str, Any]:
     model = Path(base) if base else _default_model(Path(home))
     started = time.perf_counter()
     train_adapter(model, data, Path(home) / "baseline-adapter", LoraSettings(), TrainSettings(epochs=epochs))
-    return {"seconds": time.perf_counter() - started, "peak_mib": _peak_mib()}
+    return {"seconds": time.perf_counter() - started, **_peaks()}
 
 
 def _default_model(home: Path) -> Path:
@@ -144,8 +147,12 @@ def _default_model(home: Path) -> Path:
     return ensure_default_model(home)
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _peaks() -> dict[str, float | None]:
+    """Peak resident memory of this process (Linux reports KiB), and peak GPU memory allocated when on CUDA."""
+    import torch
+
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "gpu_peak_mib": gpu}
 
 
 def in_fresh_process(function: Any, *args: Any) -> dict[str, Any]:
@@ -161,13 +168,14 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=None, help="Base model; default: the workbench's.")
     parser.add_argument("--epochs", type=float, default=1.0, help="Training epochs of the round and the baseline.")
     parser.add_argument("--home", type=Path, default=None, help="Scratch MEDVQA_HOME (default: a temp folder).")
+    parser.add_argument("--device", default="cpu", help="Where the round scores answers: cpu, auto, cuda.")
     args = parser.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="medvqa-round-bench-"))
     started = time.perf_counter()
     locked = prepare(home, args.examples, args.test_questions)
     print(f"setup: {time.perf_counter() - started:.0f} s ({args.examples} reviewed answers, home {home})")
     base = str(args.base) if args.base else None
-    round_ = in_fresh_process(run_round_job, str(home), str(locked), base, args.epochs)
+    round_ = in_fresh_process(run_round_job, str(home), str(locked), base, args.epochs, args.device)
     baseline = in_fresh_process(baseline_job, str(home), base, args.epochs)
     rows = [
         ("round (snapshot, train, score candidate and base, records)", round_),
@@ -175,11 +183,16 @@ def main() -> None:
     ]
     shape = f"{args.examples} reviewed answers, locked test {args.test_questions} questions, {args.epochs:g} epochs"
     print(f"\nsnapshot {shape}")
-    print("| job | wall s | peak RSS MiB |\n|---|---:|---:|")
+    gpu = round_["gpu_peak_mib"] is not None
+    print("| job | wall s | peak RSS MiB |" + (" peak GPU MiB |\n|---|---:|---:|---:|" if gpu else "\n|---|---:|---:|"))
     for name, job in rows:
-        print(f"| {name} | {job['seconds']:.0f} | {job['peak_mib']:.0f} |")
+        print(
+            f"| {name} | {job['seconds']:.0f} | {job['peak_mib']:.0f} |"
+            + (f" {job['gpu_peak_mib']:.0f} |" if gpu else "")
+        )
     ratio_s, ratio_m = round_["seconds"] / baseline["seconds"], round_["peak_mib"] / baseline["peak_mib"]
-    print(f"| round / baseline | {ratio_s:.2f}x | {ratio_m:.2f}x |")
+    ratio_g = f" {round_['gpu_peak_mib'] / baseline['gpu_peak_mib']:.2f}x |" if gpu else ""
+    print(f"| round / baseline | {ratio_s:.2f}x | {ratio_m:.2f}x |" + ratio_g)
 
 
 if __name__ == "__main__":
