@@ -125,7 +125,7 @@ def train_adapter(
     examples = load_vqa_jsonl(data)
     set_seed(settings.seed)
     if settings.quantize_4bit:  # bitsandbytes places the 4-bit weights at load time; the Trainer cannot move them
-        loaded = load_vlm(base, device="auto", dtype="auto", quantize_4bit=True)
+        loaded = load_vlm(base, device=_process_device(), dtype="auto", quantize_4bit=True)
     else:
         loaded = load_vlm(base, device="cpu", dtype="float32")  # the Trainer moves it and uses mixed precision
     model = _attach(loaded.model, lora, settings)
@@ -147,6 +147,14 @@ def train_adapter(
     if trainer.is_world_process_zero():
         _write_record(output, data, loaded.model_ref, settings, lora, result, trainer.state.log_history)
     return result
+
+
+def _process_device() -> str:
+    """This process's GPU under `accelerate launch` (one per process, as DDP wants), else the CPU."""
+    import torch
+    from accelerate import PartialState  # type: ignore[import-untyped]
+
+    return f"cuda:{PartialState().local_process_index}" if torch.cuda.is_available() else "cpu"
 
 
 def _attach(model: Any, lora: LoraSettings, settings: TrainSettings) -> PeftModel:
