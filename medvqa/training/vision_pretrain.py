@@ -68,10 +68,11 @@ def image_labels(examples: Sequence[VQAExample]) -> dict[Path, dict[str, int]]:
         if example.organ.upper() in _ORGANS:
             image["organ"][_ORGANS[example.organ.upper()]] += 1
         answer = normalize_answer(example.answer)
+        if answer == "no":
+            continue
+        text = example.question if answer == "yes" else example.answer
         for attribute in _KEYWORDS:
-            named = _named(attribute, example.answer) if answer not in ("yes", "no") else set()
-            if answer == "yes":
-                named = _named(attribute, example.question)
+            named = _named(attribute, text)
             if len(named) == 1:
                 image[attribute][named.pop()] += 1
     labels: dict[Path, dict[str, int]] = {}
