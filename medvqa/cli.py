@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from medvqa.cli_support import OneLineErrorGroup
+from medvqa.cli_support import OneLineErrorGroup, training_options
 from medvqa.cli_support import emit as _emit
 from medvqa.cli_support import json_option as _json_option
 from medvqa.cli_support import open_database as _open_database
@@ -23,6 +23,8 @@ from medvqa.errors import MedVQAError
 
 if TYPE_CHECKING:
     from medvqa.db.engine import Database
+    from medvqa.model.adapters import LoraSettings
+    from medvqa.training.train import TrainSettings
 
 DEMO_PASSWORD = "medvqa-demo-password"
 DEMO_USERS = {  # username -> role; the demo is for trying the workbench, never for patient data
@@ -189,18 +191,7 @@ def eval_command(
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="VQA jsonl to train on.")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Folder for the adapter and record.")
 @click.option("--model", "model", type=click.Path(path_type=Path), help="Local checkpoint; default: the workbench's.")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--max-steps", type=int, default=-1, show_default=True, help="Optimizer steps; -1: use --epochs.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = 2 x rank).")
-@click.option("--gradient-checkpointing", is_flag=True, help="Trade about 30% speed for activation memory (7B bases).")
-@click.option(
-    "--quantize-4bit",
-    is_flag=True,
-    help="QLoRA: hold the base's language model in 4-bit NF4 (needs bitsandbytes: pip install 'medvqa[qlora]').",
-)
+@training_options
 @click.option(
     "--train-vision",
     is_flag=True,
@@ -211,39 +202,17 @@ def train_command(
     data: Path,
     output: Path,
     model: Path | None,
-    epochs: float,
-    max_steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    rank: int,
-    gradient_checkpointing: bool,
-    quantize_4bit: bool,
-    train_vision: bool,
+    training: tuple[TrainSettings, LoraSettings],
     as_json: bool,
 ) -> None:
     """Train a LoRA adapter (LoRA-only unless --train-vision) on a VQA file and save it to --output.
     On GPUs run it through accelerate: `accelerate launch -m medvqa.cli train --data ... --output ...`
     (or `accelerate launch --no_python medvqa train ...`); not exercised here, where CI has no GPU."""
     from medvqa.config import load_settings
-    from medvqa.model.adapters import LoraSettings
     from medvqa.services.evaluation import base_model_path
-    from medvqa.training.train import TrainSettings, train_adapter
+    from medvqa.training.train import train_adapter
 
-    try:
-        settings = TrainSettings(
-            epochs=epochs,
-            learning_rate=lr,
-            batch_size=batch_size,
-            seed=seed,
-            max_steps=max_steps,
-            train_vision=train_vision,
-            gradient_checkpointing=gradient_checkpointing,
-            quantize_4bit=quantize_4bit,
-        )
-        lora = LoraSettings(r=rank, alpha=2 * rank)
-    except ValueError as exc:
-        raise MedVQAError(str(exc)) from None
+    settings, lora = training
     base = model if model is not None else base_model_path(load_settings())
     result = train_adapter(base, data, output, lora, settings, progress=not as_json)
     text = (

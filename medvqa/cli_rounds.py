@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from medvqa.cli_support import OneLineErrorGroup
+from medvqa.cli_support import OneLineErrorGroup, training_options
 from medvqa.cli_support import emit as _emit
 from medvqa.cli_support import json_option as _json_option
 from medvqa.cli_support import open_database as _open_database
 from medvqa.cli_support import operator as _operator
 from medvqa.cli_support import signed_in as _signed_in
-from medvqa.errors import MedVQAError
+
+if TYPE_CHECKING:
+    from medvqa.model.adapters import LoraSettings
+    from medvqa.training.train import TrainSettings
 
 _user_option = click.option(
     "--user",
@@ -38,49 +41,22 @@ def rounds() -> None:
 
 @rounds.command("run")
 @click.option("--since", "since_round", type=int, help="Only feedback decided after round ROUND froze its snapshot.")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--max-steps", type=int, default=-1, show_default=True, help="Optimizer steps; -1: use --epochs.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = 2 x rank).")
-@click.option("--gradient-checkpointing", is_flag=True, help="Trade about 30% speed for activation memory (7B bases).")
-@click.option("--quantize-4bit", is_flag=True, help="QLoRA: 4-bit NF4 base (needs bitsandbytes; 'medvqa[qlora]').")
+@training_options
 @_user_option
 @_json_option
 def run_command(
     since_round: int | None,
-    epochs: float,
-    max_steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    rank: int,
-    gradient_checkpointing: bool,
-    quantize_4bit: bool,
+    training: tuple[TrainSettings, LoraSettings],
     username: str,
     as_json: bool,
 ) -> None:
     """Freeze reviewed feedback, train a candidate adapter, score it and the live adapter on the locked test set
     (MEDVQA_LOCKED_TEST_SET) and the round's validation split, and record the gate's decision."""
     from medvqa.config import load_settings
-    from medvqa.model.adapters import LoraSettings
     from medvqa.services.rounds import RoundOptions, run_round
-    from medvqa.training.train import TrainSettings
 
-    try:
-        train = TrainSettings(
-            epochs=epochs,
-            learning_rate=lr,
-            batch_size=batch_size,
-            seed=seed,
-            max_steps=max_steps,
-            gradient_checkpointing=gradient_checkpointing,
-            quantize_4bit=quantize_4bit,
-        )
-        options = RoundOptions(since_round=since_round, train=train, lora=LoraSettings(r=rank, alpha=2 * rank))
-    except ValueError as exc:
-        raise MedVQAError(str(exc)) from None
+    train, lora = training
+    options = RoundOptions(since_round=since_round, train=train, lora=lora)
     database = _open_database()
     actor = _signed_in(database, username)
     outcome = run_round(database, actor, load_settings(), options, progress=not as_json)

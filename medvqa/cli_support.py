@@ -6,6 +6,7 @@ without importing the main command (which registers them).
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import sys
@@ -19,6 +20,26 @@ from medvqa.errors import MedVQAError
 if TYPE_CHECKING:
     from medvqa.db.engine import Database
     from medvqa.services.audit import Actor
+
+# How to train: the options `medvqa train` and `medvqa rounds run` share, in --help order.
+_TRAINING_OPTIONS = (
+    click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True),
+    click.option("--max-steps", type=int, default=-1, show_default=True, help="Optimizer steps; -1: use --epochs."),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True),
+    click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+    click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
+    click.option(
+        "--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = 2 x rank)."
+    ),
+    click.option(
+        "--gradient-checkpointing", is_flag=True, help="Trade about 30% speed for activation memory (7B bases)."
+    ),
+    click.option(
+        "--quantize-4bit",
+        is_flag=True,
+        help="QLoRA: hold the base's language model in 4-bit NF4 (needs bitsandbytes: pip install 'medvqa[qlora]').",
+    ),
+)
 
 
 class OneLineErrorGroup(click.Group):
@@ -46,6 +67,49 @@ def emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(func)
+
+
+def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds the shared training options; the command receives them as one `training` argument, a
+    (TrainSettings, LoraSettings) pair, with invalid values refused in one line. A `train_vision` flag, where the
+    command declares one, goes into the TrainSettings too."""
+
+    @functools.wraps(func)
+    def command(
+        *args: Any,
+        epochs: float,
+        max_steps: int,
+        lr: float,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        gradient_checkpointing: bool,
+        quantize_4bit: bool,
+        train_vision: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        from medvqa.model.adapters import LoraSettings
+        from medvqa.training.train import TrainSettings
+
+        try:
+            settings = TrainSettings(
+                epochs=epochs,
+                learning_rate=lr,
+                batch_size=batch_size,
+                seed=seed,
+                max_steps=max_steps,
+                train_vision=train_vision,
+                gradient_checkpointing=gradient_checkpointing,
+                quantize_4bit=quantize_4bit,
+            )
+            lora = LoraSettings(r=rank, alpha=2 * rank)
+        except ValueError as exc:
+            raise MedVQAError(str(exc)) from None
+        return func(*args, training=(settings, lora), **kwargs)
+
+    for option in reversed(_TRAINING_OPTIONS):
+        command = option(command)
+    return command
 
 
 def open_database(*, migrated: bool = True) -> Database:
