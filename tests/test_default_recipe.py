@@ -19,7 +19,8 @@ from medvqa.model.default_weights import apply_packaged_weights, vision_modules
 from medvqa.model.generation import build_inputs
 from medvqa.model.loading import load_vlm
 from medvqa.model.prompts import load_prompt
-from medvqa.training.data import VQAExample
+from medvqa.training.attribute_questions import attribute_questions
+from medvqa.training.data import VQAExample, load_vqa_jsonl
 from medvqa.training.default_recipe import (
     LORA_FOLDER,
     RECIPE_RECORD,
@@ -176,6 +177,9 @@ def test_both_stages_run_and_leave_a_package_and_a_record(data_file, tiny_checkp
     assert set(record["stages"]["pretrain"]["train_accuracy"]) == {"organ", "modality", "plane"}
     assert record["stages"]["align"]["steps"] >= 1 and record["stages"]["vqa"]["steps"] >= 1
     assert record["train_examples"] + record["validation_examples"] == 8 and record["validation_examples"] >= 1
+    kept, _ = holdout_split(load_vqa_jsonl(data_file), 0.25, recipe.seed)
+    moved = attribute_questions(kept, recipe.seed)  # "Is this an MRI?" yes: that image is asked it again
+    assert moved and record["moved_attribute_questions"] == len(moved)
     assert record["validation"]["counts"]["n"] == record["validation_examples"]
     assert "closed_accuracy" in record["validation"]["blind"]
     assert json.loads((tmp_path / "out" / RECIPE_RECORD).read_text())["data_sha256"] == record["data_sha256"]

@@ -9,7 +9,9 @@ after a stage that gives the tower something to see:
    trained from scratch almost nothing, and the language model answers blind.
 1. Alignment: the language model is frozen; the projector (and the tower, when stage 0 was skipped) learns,
    from the answer loss alone, to put image features where SmolLM2 can read them (VQA-RAD has no captions,
-   so question/answer pairs stand in for LLaVA's caption pairs).
+   so question/answer pairs stand in for LLaVA's caption pairs). Stages 1 and 2 also see the training set's
+   modality and plane questions asked again about other images whose stage-0 label is known
+   (`attribute_questions.py`), so that the answer's wording is tied to what the tower sees.
 2. VQA tuning: LoRA on every language-model linear, with the vision tower and projector still training, each
    at its own learning rate.
 
@@ -44,6 +46,7 @@ from medvqa.model.adapters import LoraSettings, attach_lora, save_adapter
 from medvqa.model.default_weights import LORA_FOLDER, RECIPE_RECORD, VISION_WEIGHTS, vision_modules
 from medvqa.model.loading import load_vlm
 from medvqa.model.prompts import DEFAULT_PROMPT_VERSION, load_prompt
+from medvqa.training.attribute_questions import attribute_questions
 from medvqa.training.collate import AnswerCollator
 from medvqa.training.data import VQAExample, load_vqa_jsonl
 from medvqa.training.metrics import normalize_answer
@@ -73,10 +76,16 @@ class RecipeSettings:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on norms or biases)."})
     seed: int = field(default=0, metadata={"help": "Seeds both stages (init, dropout, data order)."})
     dataloader_workers: int = field(default=0, metadata={"help": "Batch-preparing processes (GPU runs want some)."})
+    attribute_questions: int = field(
+        default=1,
+        metadata={"help": "1: stages 1 and 2 also train on modality/plane questions moved between images; 0: not."},
+    )
 
     def __post_init__(self) -> None:
         if self.pretrain_epochs < 0 or self.align_epochs < 0 or not self.vqa_epochs > 0:
             raise ValueError("pretrain_epochs and align_epochs must be >= 0 and vqa_epochs > 0")
+        if self.attribute_questions not in (0, 1):
+            raise ValueError(f"attribute_questions must be 0 or 1, not {self.attribute_questions!r}")
         for name in ("pretrain_lr", "align_lr", "lora_lr", "vision_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
@@ -140,7 +149,8 @@ def train_default_weights(
     set_seed(settings.seed)
     loaded = load_vlm(base, device="cpu", dtype="float32")
     collator = AnswerCollator(loaded.processor, load_prompt(DEFAULT_PROMPT_VERSION))
-    dataset = VQADataset(train)
+    moved = attribute_questions(train, settings.seed) if settings.attribute_questions else []
+    dataset = VQADataset(train + moved)
     model: Any = loaded.model
     stages: dict[str, Any] = {}
     started = time.perf_counter()
@@ -182,6 +192,7 @@ def train_default_weights(
         "data_file": data.name,
         "data_sha256": _sha256(data),
         "train_examples": len(train),
+        "moved_attribute_questions": len(moved),
         "validation_examples": len(validation),
         "prompt_version": DEFAULT_PROMPT_VERSION,
         "stages": stages,

@@ -31,7 +31,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "plane": ("axial", "coronal", "sagittal", "frontal"),
 }
 # Normalised words (see normalize_answer: "x-ray" -> "x ray") that name each class.
-_KEYWORDS: dict[str, dict[str, tuple[str, ...]]] = {
+KEYWORDS: dict[str, dict[str, tuple[str, ...]]] = {
     "modality": {
         "ct": ("ct", "cta"),
         "mri": ("mri", "mr", "t1", "t2", "flair", "dwi", "adc", "diffusion"),
@@ -48,10 +48,10 @@ _KEYWORDS: dict[str, dict[str, tuple[str, ...]]] = {
 _ORGANS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
 
 
-def _named(attribute: str, text: str) -> set[str]:
+def named_classes(attribute: str, text: str) -> set[str]:
     """The classes of `attribute` whose keywords occur as whole words in normalised `text`."""
     padded = f" {normalize_answer(text)} "
-    return {name for name, words in _KEYWORDS[attribute].items() if any(f" {word} " in padded for word in words)}
+    return {name for name, words in KEYWORDS[attribute].items() if any(f" {word} " in padded for word in words)}
 
 
 def image_labels(examples: Sequence[VQAExample]) -> dict[Path, dict[str, int]]:
@@ -71,8 +71,8 @@ def image_labels(examples: Sequence[VQAExample]) -> dict[Path, dict[str, int]]:
         if answer == "no":
             continue
         text = example.question if answer == "yes" else example.answer
-        for attribute in _KEYWORDS:
-            named = _named(attribute, text)
+        for attribute in KEYWORDS:
+            named = named_classes(attribute, text)
             if len(named) == 1:
                 image[attribute][named.pop()] += 1
     labels: dict[Path, dict[str, int]] = {}

@@ -1,0 +1,107 @@
+"""Modality and plane questions moved between training images, answered by the images' stage-0 labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medvqa.training.attribute_questions import ANSWERS, attribute_questions
+from medvqa.training.data import VQAExample
+from medvqa.training.default_recipe import RecipeSettings
+from medvqa.training.metrics import normalize_answer
+from medvqa.training.vision_pretrain import named_classes
+
+
+def _row(image: str, question: str, answer: str, question_type: str = "MODALITY") -> VQAExample:
+    closed = answer.lower() in ("yes", "no")
+    return VQAExample(
+        qid=f"{image}-{question}-{answer}",
+        image_path=Path(f"/data/{image}.jpg"),
+        question=question,
+        answer=answer,
+        answer_type="CLOSED" if closed else "OPEN",
+        question_type=question_type,
+        organ="HEAD",
+    )
+
+
+TRAIN = [
+    _row("mri1", "What imaging modality was used?", "MRI"),
+    _row("mri1", "Is this a CT of the abdomen?", "no"),  # asks about more than the modality: never moved
+    _row("mri1", "What type of MRI sequence is this?", "T2 weighted"),  # answer is not a modality's name
+    _row("ct1", "Is this a CT scan?", "yes"),
+    _row("ct1", "Is this image a CT or MRI image?", "CT"),
+    _row("mri2", "Is this an MRI?", "yes"),
+    _row("xr1", "What kind of scan is this?", "X-ray"),
+    _row("ax1", "What plane is this image in?", "Axial", "PLANE"),
+    _row("ax1", "Is this a coronal plane?", "no", "PLANE"),
+    _row("cor1", "Is this a coronal plane?", "yes", "PLANE"),
+    _row("pa1", "Is this a PA film?", "yes", "PLANE"),  # frontal: PA or AP, labels cannot say which
+]
+LABELS = {
+    "mri1": {"modality": "mri"},
+    "ct1": {"modality": "ct"},
+    "mri2": {"modality": "mri"},
+    "xr1": {"modality": "xray"},
+    "ax1": {"plane": "axial"},
+    "cor1": {"plane": "coronal"},
+    "pa1": {"plane": "frontal", "modality": "xray"},
+}
+
+
+def _attribute(row: VQAExample) -> str:
+    return row.question_type.lower()
+
+
+def test_every_moved_question_is_answered_by_its_images_label():
+    moved = attribute_questions(TRAIN)
+    assert moved, "the toy training set has movable questions"
+    for row in moved:
+        label = LABELS[row.image_path.stem][_attribute(row)]
+        named = named_classes(_attribute(row), row.question)
+        answer = normalize_answer(row.answer)
+        if answer in ("yes", "no"):
+            assert len(named) == 1 and (answer == "yes") == (named == {label}), row
+            assert row.answer_type == "CLOSED"
+        else:
+            assert answer == normalize_answer(ANSWERS[_attribute(row)][label]), row
+            assert not named or label in named, row  # an open question, or an A-or-B naming the label
+            assert row.answer_type == "OPEN"
+
+
+def test_only_questions_about_the_attribute_alone_are_moved():
+    questions = {row.question for row in attribute_questions(TRAIN)}
+    assert "Is this a CT of the abdomen?" not in questions
+    assert "What type of MRI sequence is this?" not in questions
+    assert "Is this a PA film?" not in questions
+    # The CT image is now asked the MRI image's open question and the A-or-B one, and answered from its label.
+    ct_rows = {(row.question, row.answer) for row in attribute_questions(TRAIN) if row.image_path.stem == "ct1"}
+    assert ("Is this image a CT or MRI image?", "CT") in ct_rows
+    assert ("Is this an MRI?", "no") in ct_rows
+    assert any(answer == "CT" and "CT" not in question for question, answer in ct_rows)
+
+
+def test_a_frontal_radiograph_is_only_asked_no_about_its_plane():
+    plane_rows = [
+        row for row in attribute_questions(TRAIN) if row.image_path.stem == "pa1" and row.question_type == "PLANE"
+    ]
+    assert plane_rows and all(normalize_answer(row.answer) == "no" for row in plane_rows)
+
+
+def test_moving_is_deterministic_per_seed_and_every_row_is_marked():
+    first, again = attribute_questions(TRAIN, seed=3), attribute_questions(TRAIN, seed=3)
+    assert first == again
+    qids = [row.qid for row in first]
+    assert len(set(qids)) == len(qids) and all(qid.startswith("moved-") for qid in qids)
+    assert {row.qid for row in TRAIN}.isdisjoint(qids)
+
+
+def test_no_known_label_moves_nothing():
+    assert attribute_questions([_row("a", "Is there a mass?", "yes", "PRES")]) == []
+
+
+def test_the_recipe_switch_is_zero_or_one():
+    assert RecipeSettings().attribute_questions == 1
+    with pytest.raises(ValueError, match="attribute_questions must be 0 or 1"):
+        RecipeSettings(attribute_questions=2)
