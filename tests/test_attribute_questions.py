@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from medvqa.training.attribute_questions import ANSWERS, attribute_questions
@@ -11,19 +9,11 @@ from medvqa.training.data import VQAExample
 from medvqa.training.default_recipe import RecipeSettings
 from medvqa.training.metrics import normalize_answer
 from medvqa.training.vision_pretrain import named_classes
+from tests.test_vision_pretrain import vqa_row
 
 
 def _row(image: str, question: str, answer: str, question_type: str = "MODALITY") -> VQAExample:
-    closed = answer.lower() in ("yes", "no")
-    return VQAExample(
-        qid=f"{image}-{question}-{answer}",
-        image_path=Path(f"/data/{image}.jpg"),
-        question=question,
-        answer=answer,
-        answer_type="CLOSED" if closed else "OPEN",
-        question_type=question_type,
-        organ="HEAD",
-    )
+    return vqa_row(image, question, answer, question_type=question_type)
 
 
 TRAIN = [

@@ -18,7 +18,8 @@ from tests.model_factory import tiny_checkpoints, torch_single_thread  # noqa: F
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa-rad" / "images"
 
 
-def _row(image: str, question: str, answer: str, organ: str = "HEAD") -> VQAExample:
+def vqa_row(image: str, question: str, answer: str, organ: str = "HEAD", question_type: str = "MODALITY") -> VQAExample:
+    """A training row about /data/IMAGE.jpg (no file needed: labels are read from the text alone)."""
     closed = answer.lower() in ("yes", "no")
     return VQAExample(
         qid=f"{image}-{question}-{answer}",
@@ -26,7 +27,7 @@ def _row(image: str, question: str, answer: str, organ: str = "HEAD") -> VQAExam
         question=question,
         answer=answer,
         answer_type="CLOSED" if closed else "OPEN",
-        question_type="MODALITY",
+        question_type=question_type,
         organ=organ,
     )
 
@@ -39,11 +40,11 @@ def _label(labels: dict[Path, dict[str, int]], image: str, attribute: str) -> st
 def test_labels_come_from_open_answers_and_from_yes_to_a_question_naming_one_class():
     labels = image_labels(
         [
-            _row("a", "What imaging modality is this?", "MR - FLAIR"),  # normalised "mr flair" -> mri
-            _row("b", "Is this a CT?", "Yes", organ="ABD"),
-            _row("c", "Is this an MRI?", "No", organ="CHEST"),  # a no says nothing about what it is
-            _row("d", "In what plane is this image?", "Axial"),
-            _row("e", "Is this a PA film?", "yes", organ="CHEST"),  # names a plane (pa) and a modality (film)
+            vqa_row("a", "What imaging modality is this?", "MR - FLAIR"),  # normalised "mr flair" -> mri
+            vqa_row("b", "Is this a CT?", "Yes", organ="ABD"),
+            vqa_row("c", "Is this an MRI?", "No", organ="CHEST"),  # a no says nothing about what it is
+            vqa_row("d", "In what plane is this image?", "Axial"),
+            vqa_row("e", "Is this a PA film?", "yes", organ="CHEST"),  # names a plane (pa) and a modality (film)
         ]
     )
     assert _label(labels, "a", "modality") == "mri" and _label(labels, "a", "plane") is None
@@ -56,12 +57,12 @@ def test_labels_come_from_open_answers_and_from_yes_to_a_question_naming_one_cla
 def test_a_question_naming_two_classes_or_a_tie_leaves_the_attribute_unknown():
     labels = image_labels(
         [
-            _row("a", "Is this a CT or an MRI?", "yes"),  # which one? unknown
-            _row("b", "What modality?", "CT"),
-            _row("b", "What kind of scan?", "MRI"),  # one vote each: a tie
-            _row("c", "What modality?", "CT"),
-            _row("c", "What kind of scan?", "CT with contrast"),
-            _row("c", "How was it taken?", "T2 MRI"),  # outvoted two to one
+            vqa_row("a", "Is this a CT or an MRI?", "yes"),  # which one? unknown
+            vqa_row("b", "What modality?", "CT"),
+            vqa_row("b", "What kind of scan?", "MRI"),  # one vote each: a tie
+            vqa_row("c", "What modality?", "CT"),
+            vqa_row("c", "What kind of scan?", "CT with contrast"),
+            vqa_row("c", "How was it taken?", "T2 MRI"),  # outvoted two to one
         ]
     )
     assert _label(labels, "a", "modality") is None
@@ -70,7 +71,7 @@ def test_a_question_naming_two_classes_or_a_tie_leaves_the_attribute_unknown():
 
 
 def test_words_inside_other_words_do_not_count():
-    labels = image_labels([_row("a", "What is seen?", "Pancreatic mass")])  # "pa" inside "pancreatic"
+    labels = image_labels([vqa_row("a", "What is seen?", "Pancreatic mass")])  # "pa" inside "pancreatic"
     assert _label(labels, "a", "plane") is None and _label(labels, "a", "modality") is None
 
 
