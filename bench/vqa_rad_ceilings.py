@@ -11,6 +11,10 @@ the split itself permits, so that a model's figure can be read against it:
 - the same-image nearest neighbour: the answer of the most similar training question about the *same image*
   (202 of the 203 test images are in train), i.e. what perfect recognition of the image plus memorising its
   training answers buys;
+- same-image facts: a closed question answered from what the training rows say about the same image (the
+  yes/no of the same-image closed question sharing most content words, else "yes" when a content word of the
+  question occurs in one of that image's open answers, else blind); what image-level finding labels mined
+  from those rows could teach at best;
 - the image-attribute oracle: the question-only baseline, except that every MODALITY, PLANE and ORGAN question
   (what image-level pre-training of a vision tower can learn) is counted as right.
 
@@ -33,6 +37,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa-rad"
 ATTRIBUTE_TYPES = {"MODALITY", "PLANE", "ORGAN"}
 # Words that say nothing about which question it is; left out of the overlap.
 FILLER = frozenset("is are the a an of in on this there be to what which does do image seen shown".split())  # noqa: SIM905
+
+# Also left out when matching findings: they say where or whether, not what.
+_GENERIC_WORDS = "there any evidence seen visible patient picture present show shows noted found located side"
+GENERIC = FILLER | frozenset(_GENERIC_WORDS.split()) | {"left", "right", "normal", "abnormal"}
 
 Row = dict[str, str]
 
@@ -89,6 +97,20 @@ def main() -> None:
         match = nearest(row, by_image.get((row["image"], row["answer_type"]), []))
         return match["answer"] if match else blind(row)
 
+    def same_image_facts(row: Row) -> str:
+        if row["answer_type"] != "CLOSED":
+            return blind(row)
+        query = words(row["question"]) - GENERIC
+        best, best_overlap = None, 0
+        for candidate in by_image.get((row["image"], "CLOSED"), []):
+            overlap = len(query & (words(candidate["question"]) - GENERIC))
+            if overlap > best_overlap and normalize_answer(candidate["answer"]) in ("yes", "no"):
+                best, best_overlap = candidate, overlap
+        if best is not None:
+            return best["answer"]
+        described = {w for other in by_image.get((row["image"], "OPEN"), []) for w in words(other["answer"])}
+        return "yes" if query & described and normalize_answer(row["answer"]) in ("yes", "no") else blind(row)
+
     def attribute_oracle(row: Row) -> str:
         return row["answer"] if row["question_type"] in ATTRIBUTE_TYPES else blind(row)
 
@@ -99,6 +121,7 @@ def main() -> None:
         ("most common training answer", lambda row: most_common[row["answer_type"]]),
         ("question-only nearest neighbour (blind)", blind),
         ("same-image nearest neighbour", same_image),
+        ("same-image facts (closed)", same_image_facts),
         ("image-attribute oracle", attribute_oracle),
         ("answer-vocabulary ceiling", in_vocabulary),
     ]

@@ -15,7 +15,7 @@ after a stage that gives the tower something to see:
 2. VQA tuning: LoRA on every language-model linear, with the vision tower and projector still training, each
    at its own learning rate.
 
-The defaults are the recipe of the shipped weights (`medvqa/model/weights/default/recipe.json`): 80 minutes
+The defaults are the recipe of the shipped weights (`medvqa/model/weights/default/recipe.json`): 96 minutes
 on this project's 2-core CPU, most of it in stage 2.
 
 The result is packaged in two parts (`package_weights`): the tower and projector (`vision.safetensors`), which
