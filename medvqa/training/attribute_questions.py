@@ -74,7 +74,8 @@ def attribute_questions(examples: Sequence[VQAExample], seed: int = 0) -> list[V
     """New training rows: per image with a known modality or plane, one open, one yes, one no and one A-or-B
     question (where the training file has such a wording), drawn from `examples` and answered by the label.
 
-    Deterministic for a given `seed` and input order. The rows' qids start with "moved-".
+    Deterministic for a given `seed` and input order. The rows' qids start with "moved-". A drawn question may
+    be one the image already has in `examples` (it then simply counts twice).
     """
     labels = image_labels(examples)
     organs = {example.image_path: example.organ for example in examples}
