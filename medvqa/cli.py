@@ -164,13 +164,16 @@ def _study_line(row: dict[str, Any]) -> str:
 @click.option("--model", "model", type=click.Path(path_type=Path), help="Local checkpoint; default: the workbench's.")
 @click.option("--adapter", help="Adapter id or folder; default with no --model: the live adapter, if any.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N questions (a quick check).")
-@click.option("--no-blind", is_flag=True, help="Skip the blind baseline (the same model with black images).")
+@click.option(
+    "--no-blind", is_flag=True, help="Skip the baselines (the same model with black images, and with other images)."
+)
 @_json_option
 def eval_command(
     data: Path, model: Path | None, adapter: str | None, limit: int | None, no_blind: bool, as_json: bool
 ) -> None:
     """Evaluate a model on a VQA file: closed accuracy, open exact match, token F1 and recall, overall
-    accuracy, per question type and organ, and the blind baseline that shows whether the image is used."""
+    accuracy, per question type and organ, and two baselines that show whether the image is used: blind (black
+    images) and shuffled (each question asked about another image of the file)."""
     from medvqa.config import load_settings
     from medvqa.services.evaluation import run_evaluation
 
@@ -181,7 +184,7 @@ def eval_command(
         model=model,
         adapter=adapter,
         limit=limit,
-        blind=not no_blind,
+        baselines=not no_blind,
         progress=not as_json,
     )
     _emit(as_json, report.to_json(), report.to_markdown())

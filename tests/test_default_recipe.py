@@ -181,7 +181,10 @@ def test_both_stages_run_and_leave_a_package_and_a_record(data_file, tiny_checkp
     moved = attribute_questions(kept, recipe.seed)  # "Is this an MRI?" yes: that image is asked it again
     assert moved and record["moved_attribute_questions"] == len(moved)
     assert record["validation"]["counts"]["n"] == record["validation_examples"]
-    assert "closed_accuracy" in record["validation"]["blind"]
+    assert "closed_accuracy" in record["validation"]["blind"] and "by_organ" not in record["validation"]["blind"]
+    by_type = record["validation"]["by_question_type"]
+    assert sum(group["counts"]["n"] for group in by_type.values()) == record["validation_examples"]
+    assert "by_organ" not in record["validation"]
     assert json.loads((tmp_path / "out" / RECIPE_RECORD).read_text())["data_sha256"] == record["data_sha256"]
 
     fresh = load_vlm(base, device="cpu", dtype="float32")

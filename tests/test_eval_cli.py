@@ -27,11 +27,11 @@ ROWS = [
 def data_file(tmp_path):
     if not IMAGES.is_dir():
         pytest.skip(f"VQA-RAD images not found at {IMAGES}")
-    image = sorted(IMAGES.glob("*.jpg"))[0]
+    images = sorted(IMAGES.glob("*.jpg"))[:2]  # two images: the shuffled baseline shows each the other
     lines = [
         {
             "qid": str(i),
-            "image": str(image),
+            "image": str(images[i % 2]),
             "question": q,
             "answer": a,
             "answer_type": t,
@@ -49,7 +49,7 @@ def run(*args):
     return CliRunner().invoke(main, ["eval", *map(str, args)])
 
 
-def test_eval_reports_every_metric_with_the_blind_baseline(db, cli_env, data_file, tiny_checkpoints):
+def test_eval_reports_every_metric_with_the_baselines(db, cli_env, data_file, tiny_checkpoints):
     model = tiny_checkpoints("llava")
     result = run("--data", data_file, "--model", model, "--json")
     assert result.exit_code == 0, result.output
@@ -57,10 +57,14 @@ def test_eval_reports_every_metric_with_the_blind_baseline(db, cli_env, data_fil
     for key in ("closed_accuracy", "open_exact_match", "open_token_f1", "open_recall", "overall_accuracy"):
         assert 0.0 <= report[key] <= 1.0
     assert report["counts"] == {"n_closed": 2, "n_open": 1, "n": 3}
-    assert set(report["by_question_type"]) == {"PRES", "MODALITY", "POS"} and "blind" in report
+    assert set(report["by_question_type"]) == {"PRES", "MODALITY", "POS"}
+    assert report["blind"]["counts"] == report["shuffled"]["counts"] == report["counts"]
+    gain = report["closed_accuracy"] - report["shuffled"]["closed_accuracy"]
+    assert report["closed_accuracy_gain_over_shuffled"] == pytest.approx(gain)
     assert report["model_ref"] == load_vlm(model, device="cpu").model_ref
     markdown = run("--data", data_file, "--model", model, "--no-blind", "--limit", 2)
     assert markdown.exit_code == 0 and "closed acc" in markdown.stdout.lower()
+    assert "baseline" not in markdown.stdout  # --no-blind skips both baselines
 
 
 def test_eval_with_an_adapter_names_it(db, cli_env, data_file, tiny_checkpoints, tmp_path):

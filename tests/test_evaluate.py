@@ -10,7 +10,7 @@ from PIL import Image
 
 from medvqa.errors import InvalidInput
 from medvqa.training.data import VQAExample, load_vqa_jsonl
-from medvqa.training.evaluate import compare_with_blind, evaluate
+from medvqa.training.evaluate import compare_with_baselines, evaluate, other_images
 from medvqa.training.metrics import METRIC_KEYS
 
 VQA_RAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa-rad"
@@ -129,19 +129,70 @@ def looks(image: Image.Image, question: str) -> str:
     return "yes" if image.getbbox() is not None else "no"
 
 
-def test_compare_with_blind_nests_the_baseline(dataset: Path) -> None:
+def reads(image: Image.Image, question: str) -> str:
+    """Answers 'yes' only for the grey image a.png: a model that reads the image it is asked about."""
+    return "yes" if image.getcolors() == [(48, (200, 200, 200))] else "no"
+
+
+def test_compare_with_baselines_nests_the_baseline(dataset: Path) -> None:
     examples = load_vqa_jsonl(dataset)
-    report = compare_with_blind(examples, looks)
-    assert report.blind is not None
+    report = compare_with_baselines(examples, looks)
+    assert report.blind is not None and report.shuffled is not None
     assert report.closed_accuracy == 1.0  # sees the grey image: "yes", reference "Yes"
     assert report.blind.closed_accuracy == 0.0  # blank image: "no"
     assert report.closed_accuracy_gain_over_blind == 1.0
     assert report.blind.open_exact_match == 0.5  # q3's reference is "no": the blind run gets it
+    # Any real image makes `looks` say "yes": it beats the blind run without reading the image it was asked about.
+    assert report.shuffled.closed_accuracy == 1.0 and report.closed_accuracy_gain_over_shuffled == 0.0
     data = report.to_json()
     top = {*METRIC_KEYS, "counts", "by_question_type", "by_organ"}
-    assert set(data) == top | {"blind", "closed_accuracy_gain_over_blind"}
-    assert set(data["blind"]) == top
-    assert data["blind"]["counts"] == data["counts"] == {"n_closed": 1, "n_open": 2, "n": 3}
+    gains = {"closed_accuracy_gain_over_blind", "closed_accuracy_gain_over_shuffled"}
+    assert set(data) == top | {"blind", "shuffled"} | gains
+    assert set(data["blind"]) == set(data["shuffled"]) == top
+    assert (
+        data["blind"]["counts"] == data["shuffled"]["counts"] == data["counts"] == {"n_closed": 1, "n_open": 2, "n": 3}
+    )
+
+
+def test_only_a_predictor_that_reads_its_image_gains_over_shuffled(dataset: Path) -> None:
+    report = compare_with_baselines(load_vqa_jsonl(dataset), reads)
+    assert report.closed_accuracy == 1.0  # q1 about the grey a.png: "yes"
+    assert report.shuffled is not None and report.shuffled.closed_accuracy == 0.0  # shown the blue b.png: "no"
+    assert report.closed_accuracy_gain_over_shuffled == 1.0
+    assert "Closed accuracy gain over shuffled: +100.0 points" in report.to_markdown()
+
+
+def test_shuffled_asks_each_question_about_another_image_of_the_set(dataset: Path) -> None:
+    predict = Recorder(ANSWERS)
+    evaluate(load_vqa_jsonl(dataset), predict, shuffled=True)
+    assert [(size, question, colours) for _, size, question, colours in predict.calls] == [
+        ((5, 7), "Is it bright?", {(10, 120, 250)}),  # asked about a.png, shown b.png
+        ((8, 6), "Which colour?", {(200, 200, 200)}),  # asked about b.png, shown a.png
+        ((5, 7), "Modality?", {(10, 120, 250)}),  # every question about a.png gets the same other image
+    ]
+
+
+@pytest.mark.parametrize("count", range(1, 8))
+def test_other_images_never_keeps_an_image_and_uses_each_once(count: int, tmp_path: Path) -> None:
+    examples = [VQAExample(str(i), tmp_path / f"{i}.png", "Q?", "yes", "CLOSED", "PRES", "HEAD") for i in range(count)]
+    swap = other_images([*examples, *examples])  # repeated images count once
+    if count == 1:
+        assert swap == {}
+        return
+    assert set(swap) == set(swap.values()) == {e.image_path for e in examples}
+    assert all(shown != asked for asked, shown in swap.items())
+    assert swap == other_images(list(reversed(examples)))  # the order of the questions does not matter
+
+
+def test_shuffled_needs_two_images_and_excludes_blind(dataset: Path) -> None:
+    one_image = [e for e in load_vqa_jsonl(dataset) if e.image_path.name == "a.png"]
+    with pytest.raises(InvalidInput, match="at least two different images"):
+        evaluate(one_image, looks, shuffled=True)
+    with pytest.raises(InvalidInput, match="not both"):
+        evaluate(one_image, looks, blind=True, shuffled=True)
+    report = compare_with_baselines(one_image, looks)
+    assert report.blind is not None and report.shuffled is None
+    assert report.closed_accuracy_gain_over_shuffled is None and "shuffled" not in report.to_json()
 
 
 def test_predictor_must_return_text(dataset: Path) -> None:

@@ -179,6 +179,19 @@ def test_json_with_provenance_and_blind(hand_report: EvalReport) -> None:
     assert (data["model_ref"], data["data"]) == ("m", "test.jsonl")
 
 
+def test_json_and_markdown_with_the_shuffled_baseline(hand_report: EvalReport) -> None:
+    shuffled = score([e for e, _ in HAND], ["yes", "no", "no", "no", "", "", ""])  # closed: c1, c2, c3 right -> 0.75
+    report = replace(hand_report, shuffled=shuffled)
+    data = report.to_json()
+    assert set(data) == TOP_KEYS | {"shuffled", "closed_accuracy_gain_over_shuffled"}
+    assert data["shuffled"]["closed_accuracy"] == 0.75
+    assert data["closed_accuracy_gain_over_shuffled"] == -0.25  # 0.5 with each question's own image
+    text = report.to_markdown()
+    assert "| shuffled baseline (other images of the set) |" in text
+    assert "Closed accuracy gain over shuffled: -25.0 points" in text
+    assert "blind" not in text
+
+
 def test_markdown_shows_percentages(hand_report: EvalReport) -> None:
     text = hand_report.with_provenance(model_ref="smolvlm", adapter_ref="a1").to_markdown()
     assert "model_ref: `smolvlm`, adapter_ref: `a1`" in text

@@ -1,4 +1,4 @@
-"""`medvqa eval`: score a model (and adapter) on a VQA jsonl file, with the blind baseline beside it."""
+"""`medvqa eval`: score a model (and adapter) on a VQA jsonl file, with the blind and shuffled baselines beside it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from medvqa.errors import NotFound
 from medvqa.model.generation import answer
 from medvqa.model.loading import load_vlm
 from medvqa.training.data import load_vqa_jsonl
-from medvqa.training.evaluate import compare_with_blind, evaluate
+from medvqa.training.evaluate import compare_with_baselines, evaluate
 from medvqa.training.metrics import EvalReport
 
 
@@ -52,10 +52,11 @@ def run_evaluation(
     model: Path | None = None,
     adapter: str | None = None,
     limit: int | None = None,
-    blind: bool = True,
+    baselines: bool = True,
     progress: bool = False,
 ) -> EvalReport:
-    """Answer every question of `data` greedily and score it; with `blind`, again with black images."""
+    """Answer every question of `data` greedily and score it; with `baselines`, again with black images and
+    with other images of the file (the blind and shuffled baselines)."""
     from medvqa.model.adapters import load_adapter
 
     examples = load_vqa_jsonl(data)[:limit]
@@ -68,5 +69,5 @@ def run_evaluation(
     def predict(image: Image.Image, question: str) -> str:
         return answer(loaded, image, question).text
 
-    report = (compare_with_blind if blind else evaluate)(examples, predict, progress=progress)
+    report = (compare_with_baselines if baselines else evaluate)(examples, predict, progress=progress)
     return report.with_provenance(model_ref=loaded.model_ref, adapter_ref=loaded.adapter_ref, data=str(data))

@@ -289,11 +289,12 @@ def _halve_adapter(lora_dir: Path) -> None:
 
 
 def _validate(peft_model: Any, loaded: Any, validation: list[VQAExample]) -> dict[str, Any]:
-    """Score the trained model (and its blind baseline) on the held-out training questions."""
+    """Score the trained model (and its baselines) on the held-out training questions: headline figures, the
+    baselines' headline figures, and the breakdown per question type."""
     import torch
 
     from medvqa.model.generation import answer
-    from medvqa.training.evaluate import compare_with_blind
+    from medvqa.training.evaluate import compare_with_baselines
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peft_model.eval().to(device)
@@ -302,11 +303,13 @@ def _validate(peft_model: Any, loaded: Any, validation: list[VQAExample]) -> dic
     def predict(image: Any, question: str) -> str:
         return answer(current, image, question).text
 
-    report = compare_with_blind(validation, predict)
-    data = report.to_json()
-    return {key: data[key] for key in data if key not in ("per_question_type", "per_organ")} | {
-        "per_question_type": data.get("per_question_type")
-    }
+    data = compare_with_baselines(validation, predict).to_json()
+    breakdowns = ("by_question_type", "by_organ")
+    summary = {key: value for key, value in data.items() if key not in breakdowns}
+    for baseline in ("blind", "shuffled"):  # their headline figures only
+        if baseline in data:
+            summary[baseline] = {key: value for key, value in data[baseline].items() if key not in breakdowns}
+    return summary | {"by_question_type": data["by_question_type"]}
 
 
 def _text_source(base: Path) -> Any:
@@ -348,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         json.dumps(
             {key: record[key] for key in ("stages", "train_seconds") if key in record}
-            | {"validation": {k: v for k, v in record.get("validation", {}).items() if k != "per_question_type"}}
+            | {"validation": {k: v for k, v in record.get("validation", {}).items() if k != "by_question_type"}}
         )
     )
     return 0

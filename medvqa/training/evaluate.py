@@ -1,9 +1,12 @@
 """Run a predictor over VQA examples and score it, optionally against a blind (blank-image) baseline.
 
 The predictor is any `(image, question) -> answer` callable, so the same harness scores the embedded
-model, a vLLM server or a stub. The blind baseline gives the predictor a black image of the same size:
-the gap between the two runs shows how much the answers really depend on the image, since a language
-model alone answers many VQA-RAD closed questions well from the question's wording.
+model, a vLLM server or a stub. Two baselines show how much the answers really depend on the image, since a
+language model alone answers many VQA-RAD closed questions well from the question's wording:
+- blind: the predictor gets a black image of the same size;
+- shuffled: the predictor gets another image of the set (every question about one image gets the same other
+  image). A model can beat the blind run only because any real image looks unlike a black one; it beats the
+  shuffled run only by reading the image it was asked about.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
@@ -34,28 +38,54 @@ def load_image(example: VQAExample, *, blind: bool = False) -> Image.Image:
         raise InvalidInput(f"question {example.qid}: cannot read image {example.image_path}: {exc}") from exc
 
 
+def other_images(examples: Sequence[VQAExample]) -> dict[Path, Path]:
+    """For each image of the set, another one: the sorted distinct images, each mapped half-way round the list.
+
+    Deterministic, and no image maps to itself; empty when the set holds fewer than two images.
+    """
+    paths = sorted({example.image_path for example in examples})
+    if len(paths) < 2:
+        return {}
+    shift = len(paths) // 2
+    return {path: paths[(index + shift) % len(paths)] for index, path in enumerate(paths)}
+
+
 def evaluate(
-    examples: Sequence[VQAExample], predict: Predictor, *, blind: bool = False, progress: bool = False
+    examples: Sequence[VQAExample],
+    predict: Predictor,
+    *,
+    blind: bool = False,
+    shuffled: bool = False,
+    progress: bool = False,
 ) -> EvalReport:
     """Ask `predict` every question and score the answers; exceptions from `predict` propagate.
 
-    Each question is asked once, in order, with a freshly loaded image. An empty answer counts as wrong.
+    Each question is asked once, in order, with a freshly loaded image: its own, a black one (`blind`) or the
+    image `other_images` gives (`shuffled`). An empty answer counts as wrong.
     """
+    if blind and shuffled:
+        raise InvalidInput("choose one baseline: blind (black images) or shuffled (other images), not both")
+    swap = other_images(examples) if shuffled else {}
+    if shuffled and not swap:
+        raise InvalidInput("the shuffled baseline needs questions about at least two different images")
     predictions: list[str] = []
-    label = "blind baseline" if blind else "evaluating"
+    label = "blind baseline" if blind else "shuffled baseline" if shuffled else "evaluating"
     for example in _progress(examples, enabled=progress, description=label):
-        answer = predict(load_image(example, blind=blind), example.question)
+        shown = replace(example, image_path=swap[example.image_path]) if shuffled else example
+        answer = predict(load_image(shown, blind=blind), example.question)
         if not isinstance(answer, str):
             raise InvalidInput(f"question {example.qid}: the predictor returned {type(answer).__name__}, not text")
         predictions.append(answer)
     return score(examples, predictions)
 
 
-def compare_with_blind(examples: Sequence[VQAExample], predict: Predictor, *, progress: bool = False) -> EvalReport:
-    """The normal report with the blank-image report nested as `blind` (and the closed-accuracy gain over it)."""
+def compare_with_baselines(examples: Sequence[VQAExample], predict: Predictor, *, progress: bool = False) -> EvalReport:
+    """The normal report with the baselines nested: `blind` (black images) and, where the set holds two or more
+    images, `shuffled` (other images); the report gives the closed-accuracy gain over each."""
     report = evaluate(examples, predict, progress=progress)
-    baseline = evaluate(examples, predict, blind=True, progress=progress)
-    return replace(report, blind=baseline)
+    blind = evaluate(examples, predict, blind=True, progress=progress)
+    shuffled = evaluate(examples, predict, shuffled=True, progress=progress) if other_images(examples) else None
+    return replace(report, blind=blind, shuffled=shuffled)
 
 
 def _progress(items: Sequence[_T], *, enabled: bool, description: str) -> Iterable[_T]:

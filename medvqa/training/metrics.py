@@ -166,13 +166,14 @@ def _group_by(scores: Sequence[ExampleScore], key: Callable[[ExampleScore], str]
 
 @dataclass(frozen=True)
 class EvalReport:
-    """Results of one evaluation run: overall figures, breakdowns, per-example scores, optional blind baseline."""
+    """Results of one evaluation run: overall figures, breakdowns, per-example scores, optional baselines."""
 
     overall: GroupScores
     by_question_type: Mapping[str, GroupScores]
     by_organ: Mapping[str, GroupScores]
     examples: tuple[ExampleScore, ...]
-    blind: EvalReport | None = None
+    blind: EvalReport | None = None  # the same predictor with black images
+    shuffled: EvalReport | None = None  # the same predictor with other images of the set
     model_ref: str | None = None
     adapter_ref: str | None = None
     data: str | None = None
@@ -204,6 +205,14 @@ class EvalReport:
             return None
         return self.closed_accuracy - self.blind.closed_accuracy
 
+    @property
+    def closed_accuracy_gain_over_shuffled(self) -> float | None:
+        """Closed accuracy with each question's own image minus with another image: how much the answers read
+        the image asked about, not merely any real image."""
+        if self.shuffled is None or self.closed_accuracy is None or self.shuffled.closed_accuracy is None:
+            return None
+        return self.closed_accuracy - self.shuffled.closed_accuracy
+
     def with_provenance(
         self, *, model_ref: str | None = None, adapter_ref: str | None = None, data: str | None = None
     ) -> EvalReport:
@@ -218,6 +227,9 @@ class EvalReport:
         if self.blind is not None:
             result["blind"] = self.blind.to_json()
             result["closed_accuracy_gain_over_blind"] = self.closed_accuracy_gain_over_blind
+        if self.shuffled is not None:
+            result["shuffled"] = self.shuffled.to_json()
+            result["closed_accuracy_gain_over_shuffled"] = self.closed_accuracy_gain_over_shuffled
         for key in ("model_ref", "adapter_ref", "data"):
             if getattr(self, key) is not None:
                 result[key] = getattr(self, key)
@@ -233,6 +245,10 @@ class EvalReport:
             lines += _table("blind baseline (blank images)", {"overall": self.blind.overall})
             gain = self.closed_accuracy_gain_over_blind
             lines += [f"Closed accuracy gain over blind: {_points(gain)}", ""]
+        if self.shuffled is not None:
+            lines += _table("shuffled baseline (other images of the set)", {"overall": self.shuffled.overall})
+            gain = self.closed_accuracy_gain_over_shuffled
+            lines += [f"Closed accuracy gain over shuffled: {_points(gain)}", ""]
         lines += _table("question type", self.by_question_type)
         lines += _table("organ", self.by_organ)
         return "\n".join(lines).rstrip() + "\n"
