@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from dataclasses import replace
+from pathlib import Path
 
-from medvqa.training.attribute_questions import ANSWERS, attribute_questions
-from medvqa.training.data import VQAExample
+import pytest
+from PIL import Image
+
+from medvqa.training.attribute_questions import ANSWERS, attribute_questions, main
+from medvqa.training.data import VQAExample, load_vqa_jsonl
 from medvqa.training.default_recipe import RecipeSettings
 from medvqa.training.metrics import normalize_answer
 from medvqa.training.vision_pretrain import named_classes
@@ -95,3 +100,30 @@ def test_the_recipe_switch_is_zero_or_one():
     assert RecipeSettings().attribute_questions == 1
     with pytest.raises(ValueError, match="attribute_questions must be 0 or 1"):
         RecipeSettings(attribute_questions=2)
+
+
+def test_the_command_writes_the_moved_rows_as_a_file_eval_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    for name in {row.image_path.stem for row in TRAIN}:
+        Image.new("L", (4, 4)).save(tmp_path / f"{name}.jpg")
+    rows = [replace(row, image_path=tmp_path / row.image_path.name) for row in TRAIN]
+    train = tmp_path / "train.jsonl"
+    train.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "qid": r.qid,
+                    "image": r.image_path.name,
+                    "question": r.question,
+                    "answer": r.answer,
+                    "question_type": r.question_type,
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    assert main(["--data", str(train), "--output", str(tmp_path / "moved.jsonl"), "--seed", "3"]) == 0
+    written = load_vqa_jsonl(tmp_path / "moved.jsonl")
+    expected = attribute_questions(load_vqa_jsonl(train), seed=3)
+    assert written == expected and written
+    assert f"{len(expected)} moved questions written" in capsys.readouterr().out

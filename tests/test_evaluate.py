@@ -1,4 +1,4 @@
-"""The JSONL loader and the evaluation harness: real images in, recorded predictor calls, blind baseline."""
+"""The JSONL loader and the evaluation harness: real images in, recorded predictor calls, both baselines."""
 
 from __future__ import annotations
 

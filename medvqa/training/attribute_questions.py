@@ -8,10 +8,16 @@ training set's own attribute questions onto the other training images whose attr
 `vision_pretrain.image_labels`): a question asked about one MRI is asked again about other CTs and MRIs, with
 the answer those images' labels give. Only wording from the training file and labels from the training file
 are used. Frontal radiographs are only asked "no" questions: their labels cannot tell PA from AP.
+
+To inspect the rows, or to score a model on them with `medvqa eval --data`:
+
+    .venv/bin/python -m medvqa.training.attribute_questions --data train.jsonl --output moved.jsonl [--seed 0]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,3 +112,43 @@ def attribute_questions(examples: Sequence[VQAExample], seed: int = 0) -> list[V
             if known and choices:
                 add(path, attribute, rng.choice(choices), ANSWERS[attribute][label])
     return added
+
+
+def write_jsonl(rows: Sequence[VQAExample], path: Path) -> None:
+    """`rows` as a VQA jsonl file `load_vqa_jsonl` reads back (absolute image paths)."""
+    lines = [
+        json.dumps(
+            {
+                "qid": row.qid,
+                "image": str(row.image_path),
+                "question": row.question,
+                "answer": row.answer,
+                "answer_type": row.answer_type,
+                "question_type": row.question_type,
+                "organ": row.organ,
+            }
+        )
+        for row in rows
+    ]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: write the moved questions of a training file as a VQA jsonl file."""
+    from medvqa.training.data import load_vqa_jsonl
+
+    parser = argparse.ArgumentParser(
+        prog="python -m medvqa.training.attribute_questions", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--data", type=Path, required=True, help="Training VQA jsonl (VQA-RAD train.jsonl).")
+    parser.add_argument("--output", type=Path, required=True, help="Where to write the moved questions.")
+    parser.add_argument("--seed", type=int, default=0, help="The recipe's seed (default 0, as shipped).")
+    args = parser.parse_args(argv)
+    rows = attribute_questions(load_vqa_jsonl(args.data), args.seed)
+    write_jsonl(rows, args.output)
+    print(f"{len(rows)} moved questions written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Run a predictor over VQA examples and score it, optionally against a blind (blank-image) baseline.
+"""Run a predictor over VQA examples and score it, optionally against blind and shuffled-image baselines.
 
 The predictor is any `(image, question) -> answer` callable, so the same harness scores the embedded
 model, a vLLM server or a stub. Two baselines show how much the answers really depend on the image, since a
