@@ -34,6 +34,7 @@ def test_ask_shows_the_answer_as_plain_text_with_confidence_image_and_provenance
     assert any("the exact image the model saw" in str(image.proto) for image in app.get("image"))
     if result.confidence is not None:
         assert app.get("progress")[0].proto.value == round(result.confidence * 100)
+        assert any("not how often it is right" in caption.value for caption in app.caption)
 
 
 def test_moving_the_slice_and_window_changes_what_is_asked_about(db, app_env, ct_study, clinician):

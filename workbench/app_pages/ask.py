@@ -143,12 +143,17 @@ def _type(template):
     return "" if template == FREE_TEXT else template
 
 
+# A confident yes/no can come from the question's wording alone (the model card's blind and shuffled baselines).
+CONFIDENCE_NOTE = "Confidence is the model's certainty in its own words, not how often it is right: check the image."
+
+
 def answer_panel(result: AskResult):
     st.subheader("Answer")
     st.text(f"Q: {result.question}")  # typed by a person: shown as text too
     st.text(result.text or "(the model gave no answer)")  # plain text: never markdown or HTML from the model
     if result.confidence is not None:
         st.progress(float(result.confidence), text=f"confidence {result.confidence:.2f}")
+        st.caption(CONFIDENCE_NOTE)
     else:
         st.caption("no confidence available")
     left, right = st.columns([1, 2])
