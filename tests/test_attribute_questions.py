@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,12 +47,23 @@ LABELS = {
 }
 
 
+VQA_RAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa-rad"
+SHIPPED_ROWS = "44935acb5ca12b79"  # attribute_questions(train.jsonl) as of the shipped weights (e7bad39)
+
+
+def _digest(rows: list[VQAExample]) -> str:
+    """A fingerprint of moved rows that does not depend on where the images are stored."""
+    text = "\n".join(f"{r.qid}|{r.image_path.name}|{r.question}|{r.answer}|{r.answer_type}" for r in rows)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _attribute(row: VQAExample) -> str:
     return row.question_type.lower()
 
 
-def test_every_moved_question_is_answered_by_its_images_label():
-    moved = attribute_questions(TRAIN)
+@pytest.mark.parametrize("every_class", [False, True])
+def test_every_moved_question_is_answered_by_its_images_label(every_class: bool):
+    moved = attribute_questions([*TRAIN, _row("xr1", "Is this an X-ray?", "yes")], every_class=every_class)
     assert moved, "the toy training set has movable questions"
     for row in moved:
         label = LABELS[row.image_path.stem][_attribute(row)]
@@ -96,10 +109,38 @@ def test_no_known_label_moves_nothing():
     assert attribute_questions([_row("a", "Is there a mass?", "yes", "PRES")]) == []
 
 
-def test_the_recipe_switch_is_zero_or_one():
+def test_every_class_asks_about_each_other_class_and_balances_with_yes():
+    train = [*TRAIN, _row("xr1", "Is this an X-ray?", "yes")]  # three modality classes with a yes/no wording
+    plain, every = attribute_questions(train, seed=1), attribute_questions(train, seed=1, every_class=True)
+
+    def closed(rows: list[VQAExample], image: str) -> list[tuple[frozenset[str], str]]:
+        found = [(row, normalize_answer(row.answer)) for row in rows if row.image_path.stem == image]
+        return [(frozenset(named_classes("modality", r.question)), a) for r, a in found if a in ("yes", "no")]
+
+    for image, label in (("ct1", "ct"), ("mri2", "mri"), ("xr1", "xray")):
+        rows = closed(every, image)
+        assert {named for named, answer in rows if answer == "no"} == {
+            frozenset([c]) for c in {"ct", "mri", "xray"} - {label}
+        }
+        assert all(named == {label} for named, answer in rows if answer == "yes")
+        assert sum(answer == "yes" for _, answer in rows) == sum(answer == "no" for _, answer in rows) == 2
+        assert len(closed(plain, image)) == 2  # one yes, one no
+
+
+@pytest.mark.skipif(not VQA_RAD.is_dir(), reason="the shared VQA-RAD copy is not present")
+def test_on_vqa_rad_the_shipped_rows_are_kept_and_every_class_adds_closed_ones():
+    train = load_vqa_jsonl(VQA_RAD / "train.jsonl")
+    shipped, every = attribute_questions(train), attribute_questions(train, every_class=True)
+    assert (len(shipped), _digest(shipped)) == (457, SHIPPED_ROWS)  # what the shipped weights were trained on
+    assert len(every) == 769
+    assert Counter(r.answer_type for r in every) - Counter(r.answer_type for r in shipped) == {"CLOSED": 312}
+
+
+def test_the_recipe_switch_is_zero_one_or_two():
     assert RecipeSettings().attribute_questions == 1
-    with pytest.raises(ValueError, match="attribute_questions must be 0 or 1"):
-        RecipeSettings(attribute_questions=2)
+    assert RecipeSettings(attribute_questions=2).attribute_questions == 2
+    with pytest.raises(ValueError, match="attribute_questions must be 0, 1 or 2"):
+        RecipeSettings(attribute_questions=3)
 
 
 def test_the_command_writes_the_moved_rows_as_a_file_eval_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

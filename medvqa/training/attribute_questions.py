@@ -76,12 +76,19 @@ def _pools(examples: Sequence[VQAExample], attribute: str) -> _Pools:
     return pools
 
 
-def attribute_questions(examples: Sequence[VQAExample], seed: int = 0) -> list[VQAExample]:
+def attribute_questions(
+    examples: Sequence[VQAExample], seed: int = 0, *, every_class: bool = False
+) -> list[VQAExample]:
     """New training rows: per image with a known modality or plane, one open, one yes, one no and one A-or-B
     question (where the training file has such a wording), drawn from `examples` and answered by the label.
 
-    Deterministic for a given `seed` and input order. The rows' qids start with "moved-". A drawn question may
-    be one the image already has in `examples` (it then simply counts twice).
+    With `every_class`, each image is also asked a yes/no question naming every other class (answer "no"),
+    each balanced by one more question naming its own class (answer "yes", where there is such a wording):
+    the closed form is where the language model fails to compare what it sees with the class named.
+
+    Deterministic for a given `seed` and input order; without `every_class` the rows are those the shipped
+    recipe trained on. The rows' qids start with "moved-". A drawn question may be one the image already has
+    in `examples` (it then simply counts twice).
     """
     labels = image_labels(examples)
     organs = {example.image_path: example.organ for example in examples}
@@ -107,7 +114,12 @@ def attribute_questions(examples: Sequence[VQAExample], seed: int = 0) -> list[V
                 add(path, attribute, rng.choice(pools.yes_no[label]), "yes")
             others = sorted(name for name in pools.yes_no if name != label)
             if others:
-                add(path, attribute, rng.choice(pools.yes_no[rng.choice(others)]), "no")
+                named = rng.choice(others)
+                add(path, attribute, rng.choice(pools.yes_no[named]), "no")
+                for other in (name for name in others if every_class and name != named):
+                    add(path, attribute, rng.choice(pools.yes_no[other]), "no")
+                    if pools.yes_no.get(label):
+                        add(path, attribute, rng.choice(pools.yes_no[label]), "yes")
             choices = [question for question, pair in pools.choice if label in pair]
             if known and choices:
                 add(path, attribute, rng.choice(choices), ANSWERS[attribute][label])
@@ -143,8 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="Training VQA jsonl (VQA-RAD train.jsonl).")
     parser.add_argument("--output", type=Path, required=True, help="Where to write the moved questions.")
     parser.add_argument("--seed", type=int, default=0, help="The recipe's seed (default 0, as shipped).")
+    parser.add_argument("--every-class", action="store_true", help="Also ask about every other class (recipe 2).")
     args = parser.parse_args(argv)
-    rows = attribute_questions(load_vqa_jsonl(args.data), args.seed)
+    rows = attribute_questions(load_vqa_jsonl(args.data), args.seed, every_class=args.every_class)
     write_jsonl(rows, args.output)
     print(f"{len(rows)} moved questions written to {args.output}")
     return 0

@@ -78,14 +78,17 @@ class RecipeSettings:
     dataloader_workers: int = field(default=0, metadata={"help": "Batch-preparing processes (GPU runs want some)."})
     attribute_questions: int = field(
         default=1,
-        metadata={"help": "1: stages 1 and 2 also train on modality/plane questions moved between images; 0: not."},
+        metadata={
+            "help": "1: stages 1 and 2 also train on modality/plane questions moved between images; 2: also a "
+            "yes/no question naming every other class, balanced by yes questions (every_class); 0: none."
+        },
     )
 
     def __post_init__(self) -> None:
         if self.pretrain_epochs < 0 or self.align_epochs < 0 or not self.vqa_epochs > 0:
             raise ValueError("pretrain_epochs and align_epochs must be >= 0 and vqa_epochs > 0")
-        if self.attribute_questions not in (0, 1):
-            raise ValueError(f"attribute_questions must be 0 or 1, not {self.attribute_questions!r}")
+        if self.attribute_questions not in (0, 1, 2):
+            raise ValueError(f"attribute_questions must be 0, 1 or 2, not {self.attribute_questions!r}")
         for name in ("pretrain_lr", "align_lr", "lora_lr", "vision_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
@@ -149,7 +152,8 @@ def train_default_weights(
     set_seed(settings.seed)
     loaded = load_vlm(base, device="cpu", dtype="float32")
     collator = AnswerCollator(loaded.processor, load_prompt(DEFAULT_PROMPT_VERSION))
-    moved = attribute_questions(train, settings.seed) if settings.attribute_questions else []
+    every_class = settings.attribute_questions == 2
+    moved = attribute_questions(train, settings.seed, every_class=every_class) if settings.attribute_questions else []
     dataset = VQADataset(train + moved)
     model: Any = loaded.model
     stages: dict[str, Any] = {}
