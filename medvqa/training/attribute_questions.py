@@ -155,7 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="Training VQA jsonl (VQA-RAD train.jsonl).")
     parser.add_argument("--output", type=Path, required=True, help="Where to write the moved questions.")
     parser.add_argument("--seed", type=int, default=0, help="The recipe's seed (default 0, as shipped).")
-    parser.add_argument("--every-class", action="store_true", help="Also ask about every other class (recipe 2).")
+    parser.add_argument(
+        "--every-class",
+        action="store_true",
+        help="Also ask about every other class (the recipe's --attribute-questions 2).",
+    )
     args = parser.parse_args(argv)
     rows = attribute_questions(load_vqa_jsonl(args.data), args.seed, every_class=args.every_class)
     write_jsonl(rows, args.output)
