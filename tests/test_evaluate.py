@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from medvqa.errors import InvalidInput
-from medvqa.training.data import VQAExample, load_vqa_jsonl
+from medvqa.training.data import VQAExample, load_vqa_jsonl, write_vqa_jsonl
 from medvqa.training.evaluate import compare_with_baselines, evaluate, other_images
 from medvqa.training.metrics import METRIC_KEYS
 
@@ -64,6 +64,14 @@ def test_load_names_the_bad_line(dataset: Path, bad: object, message: str) -> No
     path = write_jsonl(dataset.parent / "bad.jsonl", [first, bad])
     with pytest.raises(InvalidInput, match=message):
         load_vqa_jsonl(path)
+
+
+def test_written_examples_read_back_unchanged_from_any_folder(dataset: Path, tmp_path: Path) -> None:
+    examples = load_vqa_jsonl(dataset)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_vqa_jsonl(examples, elsewhere / "copy.jsonl")  # image paths stay valid away from the images folder
+    assert load_vqa_jsonl(elsewhere / "copy.jsonl") == examples
 
 
 def test_load_refuses_empty_or_missing_file(tmp_path: Path) -> None:

@@ -17,13 +17,12 @@ To inspect the rows, or to score a model on them with `medvqa eval --data`:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medvqa.training.data import AnswerType, VQAExample
+from medvqa.training.data import AnswerType, VQAExample, load_vqa_jsonl, write_vqa_jsonl
 from medvqa.training.metrics import normalize_answer
 from medvqa.training.vision_pretrain import ATTRIBUTES, IGNORE, KEYWORDS, image_labels, named_classes
 
@@ -126,29 +125,8 @@ def attribute_questions(
     return added
 
 
-def write_jsonl(rows: Sequence[VQAExample], path: Path) -> None:
-    """`rows` as a VQA jsonl file `load_vqa_jsonl` reads back (absolute image paths)."""
-    lines = [
-        json.dumps(
-            {
-                "qid": row.qid,
-                "image": str(row.image_path),
-                "question": row.question,
-                "answer": row.answer,
-                "answer_type": row.answer_type,
-                "question_type": row.question_type,
-                "organ": row.organ,
-            }
-        )
-        for row in rows
-    ]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write the moved questions of a training file as a VQA jsonl file."""
-    from medvqa.training.data import load_vqa_jsonl
-
     parser = argparse.ArgumentParser(
         prog="python -m medvqa.training.attribute_questions", description=__doc__.split("\n")[0]
     )
@@ -162,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     rows = attribute_questions(load_vqa_jsonl(args.data), args.seed, every_class=args.every_class)
-    write_jsonl(rows, args.output)
+    write_vqa_jsonl(rows, args.output)
     print(f"{len(rows)} moved questions written to {args.output}")
     return 0
 

@@ -8,6 +8,7 @@ reported as `InvalidInput` naming the file and line, so a broken evaluation set 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +65,23 @@ def load_vqa_jsonl(path: Path) -> list[VQAExample]:
     if not examples:
         raise InvalidInput(f"{path} holds no examples; expected one JSON object per line")
     return examples
+
+
+def write_vqa_jsonl(examples: Sequence[VQAExample], path: Path) -> None:
+    """Write `examples` as a JSON Lines file `load_vqa_jsonl` reads back (image paths written absolute)."""
+    rows = (
+        {
+            "qid": example.qid,
+            "image": str(example.image_path),
+            "question": example.question,
+            "answer": example.answer,
+            "answer_type": example.answer_type,
+            "question_type": example.question_type,
+            "organ": example.organ,
+        }
+        for example in examples
+    )
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 def _parse_line(line: str, folder: Path, *, where: str) -> VQAExample:
