@@ -18,7 +18,8 @@ Prints a table: condition, questions, accuracy, share answered "yes", and the ra
 
     .venv/bin/python bench/yes_no_image_use.py --model DIR [--data FILE.jsonl] [--limit N] [--threads N]
 
-Measured on VQA-RAD test for the README; no figure here feeds a training choice.
+Measured on VQA-RAD test for the README. No figure here feeds a training choice; the test figures did
+decide against shipping contrastive decoding, as the README says.
 """
 
 from __future__ import annotations
@@ -82,8 +83,11 @@ def main() -> None:
         record("other image (shuffled)", other, reference)
         for strength in CONTRASTS:
             for name, seen in (("own", own), ("other", other)):
-                contrasted = tuple((1 + strength) * s - strength * b for s, b in zip(seen, black, strict=True))
-                record(f"contrast {strength:g}, {name} image", (contrasted[0], contrasted[1]), reference)
+                contrasted = (
+                    (1 + strength) * seen[0] - strength * black[0],
+                    (1 + strength) * seen[1] - strength * black[1],
+                )
+                record(f"contrast {strength:g}, {name} image", contrasted, reference)
 
     baseline = sum(rows["black image (blind)"]) / len(asked)
     print(
