@@ -85,9 +85,10 @@ def attribute_questions(
     each balanced by one more question naming its own class (answer "yes", where there is such a wording):
     the closed form is where the language model fails to compare what it sees with the class named.
 
-    Deterministic for a given `seed` and input order; without `every_class` the rows are those the shipped
-    recipe trained on. The rows' qids start with "moved-". A drawn question may be one the image already has
-    in `examples` (it then simply counts twice).
+    Deterministic for a given `seed` and input order. With `every_class` (the recipe's default,
+    `--attribute-questions 2`) the rows are those the shipped weights trained on; without it those of the
+    package before them. The rows' qids start with "moved-". A drawn question may be one the image already
+    has in `examples` (it then simply counts twice).
     """
     labels = image_labels(examples)
     organs = {example.image_path: example.organ for example in examples}

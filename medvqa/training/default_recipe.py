@@ -15,7 +15,7 @@ after a stage that gives the tower something to see:
 2. VQA tuning: LoRA on every language-model linear, with the vision tower and projector still training, each
    at its own learning rate.
 
-The defaults are the recipe of the shipped weights (`medvqa/model/weights/default/recipe.json`): 96 minutes
+The defaults are the recipe of the shipped weights (`medvqa/model/weights/default/recipe.json`): 85 minutes
 on this project's 2-core CPU, most of it in stage 2.
 
 The result is packaged in two parts (`package_weights`): the tower and projector (`vision.safetensors`), which
@@ -77,7 +77,7 @@ class RecipeSettings:
     seed: int = field(default=0, metadata={"help": "Seeds both stages (init, dropout, data order)."})
     dataloader_workers: int = field(default=0, metadata={"help": "Batch-preparing processes (GPU runs want some)."})
     attribute_questions: int = field(
-        default=1,
+        default=2,
         metadata={
             "help": "1: stages 1 and 2 also train on modality/plane questions moved between images; 2: also a "
             "yes/no question naming every other class, balanced by yes questions (every_class); 0: none."
