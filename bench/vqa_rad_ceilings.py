@@ -228,14 +228,17 @@ def main() -> None:
     ]
     print("\nClosed yes/no test questions (not modality, plane, organ) by other training images showing their finding")
     print(f"{'type':<8} {'n':>4} " + " ".join(f"{label:>6}" for label in labels) + f" {'median':>7}")
-    by_type: dict[str, list[int]] = {}
+    by_question_type: dict[str, list[int]] = {}
     for row in test:
         if row["qid"] in support:
-            by_type.setdefault(row["question_type"].split(",")[0], []).append(support[row["qid"]])
-    for kind, counts in [*sorted(by_type.items(), key=lambda item: -len(item[1])), ("all", list(support.values()))]:
-        cells = [sum(low <= count <= high for count in counts) for low, high in SUPPORT_BUCKETS]
-        median = sorted(counts)[len(counts) // 2]
-        print(f"{kind:<8} {len(counts):>4} " + " ".join(f"{cell:>6}" for cell in cells) + f" {median:>7}")
+            by_question_type.setdefault(row["question_type"].split(",")[0], []).append(support[row["qid"]])
+    for kind, supports in [
+        *sorted(by_question_type.items(), key=lambda item: -len(item[1])),
+        ("all", list(support.values())),
+    ]:
+        cells = [sum(low <= count <= high for count in supports) for low, high in SUPPORT_BUCKETS]
+        median = sorted(supports)[len(supports) // 2]
+        print(f"{kind:<8} {len(supports):>4} " + " ".join(f"{cell:>6}" for cell in cells) + f" {median:>7}")
 
 
 if __name__ == "__main__":
