@@ -91,6 +91,14 @@ def score(rows: list[Row], predict: Callable[[Row], str]) -> tuple[float, float,
     )
 
 
+def print_scores(test: list[Row], predictors: list[tuple[str, Callable[[Row], str]]]) -> None:
+    """A table of each predictor's closed accuracy, open exact match and overall accuracy on `test`."""
+    print(f"{'predictor':<42} {'closed':>7} {'open':>7} {'overall':>8}")
+    for name, predict in predictors:
+        closed, open_, overall = score(test, predict)
+        print(f"{name:<42} {closed:>7.1%} {open_:>7.1%} {overall:>8.1%}")
+
+
 def leaked_rephrasings(data_dir: Path) -> list[Row]:
     """The framed rephrasings of test questions that the common split of the literature keeps in train."""
     release = json.loads((data_dir / "osf_public.json").read_text())
@@ -205,23 +213,20 @@ def main() -> None:
     ]
     counts = Counter(row["answer_type"] for row in test)
     print(f"VQA-RAD test: {len(test)} questions ({counts['CLOSED']} closed, {counts['OPEN']} open); exact match")
-    print(f"{'predictor':<42} {'closed':>7} {'open':>7} {'overall':>8}")
-    for name, predict in rows:
-        closed, open_, overall = score(test, predict)
-        print(f"{name:<42} {closed:>7.1%} {open_:>7.1%} {overall:>8.1%}")
+    print_scores(test, rows)
 
     common = train + leaked_rephrasings(args.data_dir)
     print(
         f"\nThe common split ({len(common)} training rows: train.jsonl plus the framed rephrasings of test questions)"
     )
-    print(f"{'predictor':<42} {'closed':>7} {'open':>7} {'overall':>8}")
     common_blind, common_same_image = nearest_neighbour_predictors(common)
-    for name, predict in (
-        ("question-only nearest neighbour (blind)", common_blind),
-        ("same-image nearest neighbour", common_same_image),
-    ):
-        closed, open_, overall = score(test, predict)
-        print(f"{name:<42} {closed:>7.1%} {open_:>7.1%} {overall:>8.1%}")
+    print_scores(
+        test,
+        [
+            ("question-only nearest neighbour (blind)", common_blind),
+            ("same-image nearest neighbour", common_same_image),
+        ],
+    )
 
     labels = [
         f"{low}" if low == high else f"{low}-{high}" if high < 10**9 else f">{low - 1}" for low, high in SUPPORT_BUCKETS
