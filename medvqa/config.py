@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         description="Append-only file holding the audit chain heads outside the database; "
         "default: MEDVQA_HOME/audit-anchor.log. Put it on storage the database admins cannot rewrite.",
     )
+    audit_anchor_key_file: Path | None = Field(
+        default=None,
+        description="HMAC key(s) that authenticate the anchor's lines (created 0600 with the anchor); default: "
+        "the anchor's path + '.key'. Readable by the application's account only; the database never holds it.",
+    )
     sqlite_busy_timeout_ms: int = Field(
         default=30_000, ge=0, description="How long a SQLite writer waits for the write lock."
     )
@@ -75,6 +80,30 @@ class Settings(BaseSettings):
         ge=1,
         le=24 * 60,
         description="Minutes without interaction after which the workbench signs a user out (checked on the server).",
+    )
+    workbench_session_max_hours: float = Field(
+        default=12,
+        gt=0,
+        le=7 * 24,
+        description="Absolute lifetime of a workbench session: signed out this long after signing in, active or not.",
+    )
+    sign_in_max_failures: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="Failed sign-ins of one account name within the window that lock it for the lockout time.",
+    )
+    sign_in_source_max_failures: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        description="Failed sign-ins from one source address within the window that block that address.",
+    )
+    sign_in_window_minutes: int = Field(
+        default=15, ge=1, le=24 * 60, description="The window in which failed sign-ins are counted."
+    )
+    sign_in_lockout_minutes: int = Field(
+        default=15, ge=1, le=24 * 60, description="How long a locked account (or blocked address) stays refused."
     )
     demo_data: Path | None = Field(
         default=None,
@@ -161,6 +190,11 @@ class Settings(BaseSettings):
     @property
     def audit_anchor_path(self) -> Path:
         return self.audit_anchor or self.home / "audit-anchor.log"
+
+    @property
+    def audit_anchor_key_path(self) -> Path:
+        anchor = self.audit_anchor_path
+        return self.audit_anchor_key_file or anchor.with_name(anchor.name + ".key")
 
     @property
     def deid_key_path(self) -> Path:

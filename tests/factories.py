@@ -1,15 +1,19 @@
 """Building blocks for tests: accounts, a study, an answer. Everything goes through the real services,
-except the study row, whose service arrives with DICOM import."""
+except the study row (import makes studies from DICOM files), which is written here with its audit event as
+an import would, so that the audit trail vouches for it."""
 
 from __future__ import annotations
 
 import itertools
 import uuid
 
+from compliance.policy import Action
 from medvqa.db import Study
 from medvqa.db.engine import Database
+from medvqa.services import audit
 from medvqa.services.answers import AnswerRecord, record_answer
 from medvqa.services.audit import Actor
+from medvqa.services.transaction import write
 from medvqa.services.users import add_user
 
 OPERATOR = Actor(name="cli:test", role="admin")
@@ -26,11 +30,14 @@ def make_user(db: Database, role: str, username: str | None = None) -> Actor:
 
 
 def make_study(db: Database) -> int:
-    with db.session() as session, session.begin():
+    def work(session):
         study = Study(study_uid=f"2.25.{uuid.uuid4().int}", patient_pseudonym="anon-1", modality="CT")
         session.add(study)
         session.flush()
+        audit.record(session, OPERATOR, Action.STUDY_IMPORT, "study", study.id)
         return study.id
+
+    return write(db, work)
 
 
 def make_answer(db: Database, actor: Actor, study_id: int | None = None) -> int:

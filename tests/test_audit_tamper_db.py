@@ -98,16 +98,31 @@ def test_verification_itself_is_audited(db, cli_env):
     assert last.details == {"ok": True, "events": 2, "first_bad_seq": None}
 
 
-def test_event_forged_at_the_end_is_a_warning_and_fails_strict(db, cli_env):
-    """Past the anchored head, a forged event looks like a write whose anchor append a crash cut off."""
+def test_event_forged_at_the_end_fails_even_the_plain_check(db, cli_env):
+    """Writers put an intent line in the anchor before they commit, so an event past the anchor's last line
+    was not written by medvqa: the plain check (what the workbench button runs) fails on it."""
     populate(db, 4)
     with db.read_session() as session:
         events = list(audit.iter_events(session))
     forged = rehash_from([*events, dataclasses.replace(events[-1], seq=5, actor_name="mallory")], 4)
     replace_all_events(db, forged)
     code, report = run_verify()
-    assert code == 0 and report["first_unanchored_seq"] == 5 and report["warnings"]
-    # That verification was itself audited (event 6), so the anchor's head now lies past the forged event,
-    # which still has no anchor line of its own.
+    assert code == 1 and report["first_bad_seq"] == 5 and "no line in the anchor" in report["reason"]
     code, report = run_verify("--strict")
     assert code == 1 and report["first_bad_seq"] == 5
+
+
+def test_forged_event_with_a_forged_anchor_line_fails(db, cli_env, anchor_path):
+    """An insider who can append to the anchor but does not hold its key cannot make a forged event pass."""
+    populate(db, 4)
+    with db.read_session() as session:
+        events = list(audit.iter_events(session))
+    forged = rehash_from([*events, dataclasses.replace(events[-1], seq=5, actor_name="mallory")], 4)
+    replace_all_events(db, forged)
+    kid = anchor_path.read_text().splitlines()[-1].split()[3]
+    with anchor_path.open("a") as anchor:
+        for kind in ("I", "C"):
+            anchor.write(f"{kind} 5 {forged[-1].hash} {kid} {'0' * 32}\n")
+    for options in ((), ("--strict",)):
+        code, report = run_verify(*options)
+        assert code == 1 and report["first_bad_seq"] == 5 and "not authenticated" in report["reason"]

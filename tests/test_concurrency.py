@@ -77,13 +77,15 @@ def _assert_chain_verifies_and_is_fully_anchored(db: Database) -> None:
     # strict check, which fails on any event missing from the anchor, passes.
     report = verify(db, strict=True)
     assert report.ok, report.reason
-    assert (report.unanchored_events, report.warnings) == (0, [])
+    assert (report.unconfirmed_events, report.unresolved_intents) == (0, 0)
+    assert report.warnings == []
     with db.read_session() as session:
         heads = {seq: {digest} for seq, digest in session.execute(select(AuditEvent.seq, AuditEvent.hash))}
     assert report.events == len(heads)
-    assert db.anchor.read() == heads
-    anchor_lines = db.anchor.path.read_text().splitlines()
-    assert len(anchor_lines) == len(heads), "an event was anchored twice"
+    anchor = db.anchor.read()
+    assert anchor.intents == heads and anchor.commits == heads and anchor.aborts == {}
+    anchor_lines = list(db.anchor.lines())
+    assert len(anchor_lines) == 2 * len(heads), "an event was anchored twice"
 
 
 def test_concurrent_writers_lose_nothing_duplicate_nothing_and_chain_verifies(

@@ -4,10 +4,11 @@ there, nothing half-written, chain verifies.
 The writer (`python -m tests.workers crash-writer`) adds feedback in a loop and prints `ACK <key> <id>`
 only after give_feedback returned. One database is reused across all trials, so the chain keeps growing
 over the crashes. The kill may land anywhere: before or inside a transaction, during the commit, between
-the commit and the anchor append, or before the ACK is printed. That narrow window between commit and
-anchor append is also hit on purpose every few trials (the writer stalls there and is killed). Such a
-kill leaves that event out of the anchor for good; verify reports unanchored events as a warning (by
-design) and `strict` verification refuses them.
+the commit and the anchor's commit line, or before the ACK is printed. That narrow window between commit
+and commit line is also hit on purpose every few trials (the writer stalls there and is killed). Such a
+kill leaves that event with only its intent line (written before the commit); verify reports unconfirmed
+events, and intent lines of writes killed before their commit, as warnings (by design) and `strict`
+verification refuses them. No kill can leave an event without its intent line.
 
 The schedule is seeded; set MEDVQA_CRASH_SEED to replay another one.
 """
@@ -192,30 +193,38 @@ def _check(db: Database, trials: list[Trial]) -> tuple[int, int]:
     assert all(event.object_type == "feedback" and event.outcome == "success" for event in events)
     assert Counter(event.object_id for event in events) == Counter(str(row_id) for row_id in rows.values())
 
-    # The anchor never runs ahead of the database, and agrees with it wherever it records an event.
-    assert all(seq in heads and hashes == {heads[seq]} for seq, hashes in anchor.items()), "anchor disagrees"
-    # An acknowledged write was anchored before it was acknowledged; only a write killed between its
-    # commit and its anchor append may be missing there, and that one was never acknowledged.
-    unanchored = {seq for seq in heads if seq not in anchor}
+    # The anchor's commit lines never run ahead of the database, and agree with it wherever they record an
+    # event; every event has its intent line, written (and fsynced) before its commit.
+    assert all(seq in heads and hashes == {heads[seq]} for seq, hashes in anchor.commits.items()), "anchor disagrees"
+    assert all(heads[seq] in anchor.intents.get(seq, set()) for seq in heads), "an event has no intent line"
+    # An acknowledged write was confirmed before it was acknowledged; only a write killed between its
+    # commit and its commit line may lack the latter, and that one was never acknowledged.
+    unanchored = {seq for seq in heads if seq not in anchor.commits}
     event_of_row = {int(event.object_id): event.seq for event in events}
     unacked_seqs = {event_of_row[row_id] for key, row_id in rows.items() if key not in acked}
-    assert unanchored <= unacked_seqs, "an acknowledged write (or an event that is no write) is not anchored"
-    # A writer killed while stalled before its anchor append left exactly that write: stored, unanchored.
+    assert unanchored <= unacked_seqs, "an acknowledged write (or an event that is no write) is not confirmed"
+    # A writer killed while stalled before its commit line left exactly that write: stored, unconfirmed.
     for trial in trials:
         if trial.stall_at is not None:
             stalled_key = f"key-{trial.number}-{trial.stall_at}"
             assert stalled_key in rows, f"trial {trial.number}: the committed write is gone"
             assert event_of_row[rows[stalled_key]] in unanchored
+    # Intent lines of writes killed before their commit name no event (or a hash the seq did not keep).
+    unresolved = sum(
+        len(digests - {heads.get(seq)} - anchor.commits.get(seq, set()) - anchor.aborts.get(seq, set()))
+        for seq, digests in anchor.intents.items()
+    )
 
-    # verify accepts the chain, and counts the unanchored events as a warning; strict mode refuses them.
+    # verify accepts the chain, and counts both as warnings; strict mode refuses them.
     report = verify(db)
     assert report.ok, report.reason
     assert report.events == len(heads)
-    assert report.anchored_seq == max(anchor)
-    assert report.unanchored_events == len(unanchored)
-    assert report.first_unanchored_seq == min(unanchored, default=None)
-    assert bool(report.warnings) == bool(unanchored)
-    assert verify(db, strict=True).ok == (not unanchored)
+    assert report.anchored_seq == max(anchor.commits, default=0)
+    assert report.unconfirmed_events == len(unanchored)
+    assert report.first_unconfirmed_seq == min(unanchored, default=None)
+    assert report.unresolved_intents == unresolved
+    assert bool(report.warnings) == bool(unanchored or unresolved)
+    assert verify(db, strict=True).ok == (not unanchored and not unresolved)
     return stored_unacked, len(unanchored)
 
 
@@ -227,7 +236,7 @@ def test_writer_killed_at_random_points_loses_no_acknowledged_write_and_leaves_n
     with db.read_session() as session:
         assert session.scalar(select(func.count()).select_from(Feedback)) == 0
 
-    # Every STALL_EVERY-th trial, the kill is aimed at the window between a commit and its anchor append,
+    # Every STALL_EVERY-th trial, the kill is aimed at the window between a commit and its commit line,
     # which a random kill rarely hits (the writer stalls there); the other kills come at random times.
     plan = [
         (rng.uniform(*DELAY_S), rng.randrange(40) if number % STALL_EVERY == STALL_EVERY - 1 else None)
@@ -254,7 +263,7 @@ def test_writer_killed_at_random_points_loses_no_acknowledged_write_and_leaves_n
     acknowledged = sum(len(trial.acked) for trial in trials)
     print(
         f"\ncrash test (seed {SEED}, {db.backend}): {TRIALS} kills, {acknowledged} acknowledged writes, "
-        f"{stored_unacked} stored but never acknowledged, {unanchored} events left out of the anchor"
+        f"{stored_unacked} stored but never acknowledged, {unanchored} events without their commit line"
     )
     # The kills came while the writer was busy writing, not all before its first write.
     assert sum(1 for trial in trials if trial.acked) >= TRIALS // 2

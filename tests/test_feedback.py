@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
+from compliance.audit_chain import COMMIT
 from medvqa.db import AuditEvent, Feedback
-from medvqa.errors import IdempotencyConflict, InvalidInput, NotFound
+from medvqa.errors import DatabaseError, IdempotencyConflict, InvalidInput, NotFound
 from medvqa.services import audit
+from medvqa.services.audit import verify
 from medvqa.services.feedback import FeedbackInput, give_feedback
 
 
@@ -37,7 +39,7 @@ def test_repeated_submission_gives_one_record(db, clinician, answer_id):
     first = give_feedback(db, clinician, item)
     again = give_feedback(db, clinician, item)
     assert again.feedback.id == first.feedback.id and not again.created
-    assert counts(db) == (1, 3)  # account, answer, one feedback event
+    assert counts(db) == (1, 4)  # account, study, answer, one feedback event
 
 
 def test_same_key_with_a_different_body_is_refused_and_audited(db, clinician, answer_id):
@@ -100,9 +102,29 @@ def test_crash_inside_the_transaction_leaves_nothing_half_written(db, clinician,
     assert audit.verify(db).ok
 
 
-def test_a_failing_anchor_does_not_fail_a_committed_write(db, clinician, answer_id, tmp_path):
+def test_an_anchor_that_cannot_be_written_refuses_the_write_and_stores_nothing(db, clinician, answer_id, tmp_path):
+    """The intent line goes to the anchor before the commit: no anchor, no write (and one clear line)."""
+    before = counts(db)
     db.anchor.path = tmp_path / "is-a-directory"
     db.anchor.path.mkdir()
+    with pytest.raises(DatabaseError, match=r"audit anchor .* cannot be written, so nothing was saved"):
+        give_feedback(db, clinician, FeedbackInput(answer_id, "correct", "k1"))
+    assert counts(db) == before
+
+
+def test_a_failing_confirmation_does_not_fail_a_committed_write(db, clinician, answer_id, monkeypatch):
+    """After the commit, the anchor's commit line is best effort: the intent line already covers the event."""
+    intent_only = db.anchor.append
+
+    def append(heads, kind=COMMIT, durable=True):
+        if kind == COMMIT:
+            raise OSError("disk full")
+        intent_only(heads, kind, durable)
+
+    monkeypatch.setattr(db.anchor, "append", append)
     result = give_feedback(db, clinician, FeedbackInput(answer_id, "correct", "k1"))
     assert result.created
     assert counts(db)[0] == 1
+    report = verify(db)
+    assert report.ok and report.unconfirmed_events == 1 and report.warnings
+    assert not verify(db, strict=True).ok

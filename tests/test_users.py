@@ -24,7 +24,10 @@ def test_password_is_stored_as_argon2_only(db):
         event = session.scalars(select(AuditEvent)).one()
     assert user.password_hash.startswith("$argon2id$")
     assert PASSWORD not in dump_database(db)
-    assert event.details == {"username": "dr.house", "role": "clinician"}
+    # The event names the account and role, and vouches for the row it wrote (its digest), never the password.
+    (digest,) = [d for table, key, d in event.details["row_digests"] if (table, key) == ("users", user.id)]
+    assert event.details == {"username": "dr.house", "role": "clinician", "row_digests": [["users", user.id, digest]]}
+    assert len(digest) == 64 and PASSWORD not in str(event.details)
     assert (event.actor_name, event.actor_role, event.object_id) == ("cli:test", "admin", str(user.id))
 
 

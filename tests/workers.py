@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from compliance.audit_chain import AuditAnchor
+from compliance.audit_chain import COMMIT, AuditAnchor
 from medvqa.config import load_settings, normalize_database_url
 from medvqa.db.engine import Database, build_engine
 from medvqa.errors import IdempotencyConflict
@@ -194,19 +194,21 @@ class WriterPool:
 
 
 class StallingAnchor(AuditAnchor):
-    """An anchor whose append number `stall_at` (from 0) announces STALL and never returns: the write
-    before it has committed, its anchor line is not written, and the parent kills the process there."""
+    """An anchor whose commit line number `stall_at` (from 0) announces STALL and never returns: the write
+    before it has committed (its intent line is in the anchor), its commit line is not written, and the
+    parent kills the process there."""
 
-    def __init__(self, path: Path, stall_at: int) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, key_path: Path, stall_at: int) -> None:
+        super().__init__(path, key_path)
         self.stall_at, self.calls = stall_at, 0
 
-    def append(self, heads: Iterable[tuple[int, str]]) -> None:
-        if self.calls == self.stall_at:
-            print("STALL", flush=True)
-            time.sleep(3600)
-        self.calls += 1
-        super().append(heads)
+    def append(self, heads: Iterable[tuple[int, str]], kind: str = COMMIT, durable: bool = True) -> None:
+        if kind == COMMIT:
+            if self.calls == self.stall_at:
+                print("STALL", flush=True)
+                time.sleep(3600)
+            self.calls += 1
+        super().append(heads, kind, durable)
 
 
 def crash_writer(trial: int, actor: Actor, answer_id: int, stall_before_anchor: int | None = None) -> None:
@@ -219,7 +221,7 @@ def crash_writer(trial: int, actor: Actor, answer_id: int, stall_before_anchor: 
     """
     db = Database.from_settings(load_settings())
     if stall_before_anchor is not None:
-        db.anchor = StallingAnchor(db.anchor.path, stall_before_anchor)
+        db.anchor = StallingAnchor(db.anchor.path, db.anchor.keys.path, stall_before_anchor)
     _warm_up(db)
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":
@@ -241,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     crash.add_argument("--user-id", type=int, required=True)
     crash.add_argument("--user-name", required=True)
     crash.add_argument("--role", required=True)
-    crash.add_argument("--stall-before-anchor", type=int, metavar="N", help="hang in write N's anchor append")
+    crash.add_argument("--stall-before-anchor", type=int, metavar="N", help="hang in write N's commit line")
     args = parser.parse_args(argv)
     actor = Actor(name=args.user_name, role=args.role, user_id=args.user_id)
     crash_writer(args.trial, actor, args.answer_id, args.stall_before_anchor)

@@ -37,7 +37,8 @@ def database() -> Database:
     current = settings()
     url = current.sqlalchemy_url.render_as_string(hide_password=False)
     try:
-        return _database(url, str(current.audit_anchor_path), current.sqlite_busy_timeout_ms, current.write_retries)
+        anchor = (str(current.audit_anchor_path), str(current.audit_anchor_key_path))
+        return _database(url, anchor, current.sqlite_busy_timeout_ms, current.write_retries)
     except MedVQAError as exc:
         st.error(f"database: {exc}")
     except OperationalError as exc:
@@ -46,13 +47,14 @@ def database() -> Database:
 
 
 @st.cache_resource(show_spinner=False)
-def _database(url: str, anchor: str, busy_timeout_ms: int, write_retries: int) -> Database:
+def _database(url: str, anchor: tuple[str, str], busy_timeout_ms: int, write_retries: int) -> Database:
     from compliance.audit_chain import AuditAnchor
     from medvqa.config import normalize_database_url
     from medvqa.db.engine import build_engine
     from medvqa.db.migrate import ensure_current
 
-    db = Database(build_engine(normalize_database_url(url), busy_timeout_ms), AuditAnchor(Path(anchor)), write_retries)
+    audit_anchor = AuditAnchor(Path(anchor[0]), Path(anchor[1]))
+    db = Database(build_engine(normalize_database_url(url), busy_timeout_ms), audit_anchor, write_retries)
     ensure_current(db)
     return db
 

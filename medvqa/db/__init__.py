@@ -2,7 +2,7 @@
 
 from medvqa.db.audit import AuditEvent
 from medvqa.db.base import Base
-from medvqa.db.identity import Role, User, UserSession
+from medvqa.db.identity import Role, SignInAttempt, User, UserSession
 from medvqa.db.imaging import Instance, Series, Study
 from medvqa.db.training import Adapter, AdapterStatus, Dataset, TrainingRound
 from medvqa.db.vqa import Answer, Feedback, Question, Review, Verdict
@@ -20,6 +20,7 @@ __all__ = [
     "Review",
     "Role",
     "Series",
+    "SignInAttempt",
     "Study",
     "TrainingRound",
     "User",

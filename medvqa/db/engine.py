@@ -54,13 +54,18 @@ class Database:
     write_retries: int = 8
 
     def __post_init__(self) -> None:
+        from medvqa.db import tracking
+
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
+        tracking.install(self._sessions)
+        tracking.install(self._read_sessions)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
         engine = build_engine(settings.sqlalchemy_url, settings.sqlite_busy_timeout_ms)
-        return cls(engine, AuditAnchor(settings.audit_anchor_path), settings.write_retries)
+        anchor = AuditAnchor(settings.audit_anchor_path, settings.audit_anchor_key_path)
+        return cls(engine, anchor, settings.write_retries)
 
     @property
     def backend(self) -> str:

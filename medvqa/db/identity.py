@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, ForeignKey, String
+from datetime import datetime
+
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from medvqa.db.base import Base, IntPK, Name, OptionalTimestamp, Sha256, Timestamp
@@ -45,3 +47,21 @@ class UserSession(Base):
     created_at: Mapped[Timestamp]
     last_seen_at: Mapped[Timestamp]
     ended_at: Mapped[OptionalTimestamp]
+    ended_reason: Mapped[str | None] = mapped_column(String(32))
+
+
+class SignInAttempt(Base):
+    """One sign-in attempt, kept for throttling: keyed hashes of the name tried and of the source address,
+    never the name or address themselves. `kind` is failure, success, or unlock (an administrator's)."""
+
+    __tablename__ = "sign_in_attempts"
+    __table_args__ = (
+        Index("ix_sign_in_attempts_username_ts", "username_key", "ts"),
+        Index("ix_sign_in_attempts_source_ts", "source_key", "ts"),
+    )
+
+    id: Mapped[IntPK]
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    username_key: Mapped[Sha256]
+    source_key: Mapped[Sha256]
+    kind: Mapped[str] = mapped_column(String(16))

@@ -42,11 +42,18 @@ def verify_panel(actor) -> None:
     if report is None:
         return
     if report.ok:
-        st.success(f"Audit trail OK: {report.events} events, anchored through {report.anchored_seq}.")
-        for warning in report.warnings:
-            st.warning(warning)
-    else:
+        st.success(
+            f"Audit trail OK: {report.events} events and {report.rows_checked} records, "
+            f"anchored through {report.anchored_seq}."
+        )
+    elif report.first_bad_seq is not None:
         st.error(f"Audit trail BROKEN at event {report.first_bad_seq}: {report.reason}")
+    else:
+        st.error(f"Audit trail BROKEN: {report.reason}")
+    for problem in [*report.row_problems[1:], *report.schema_problems[1:]]:
+        st.error(problem)
+    for warning in [*report.warnings, *report.notes]:
+        st.warning(warning)
 
 
 def export_panel(actor, search: AuditFilter) -> None:
