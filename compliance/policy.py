@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import enum
 
+# The demo accounts' password, published in the README: it signs in from this machine only, and the
+# workbench refuses to listen on another address while an account still has it.
+DEMO_PASSWORD = "medvqa-demo-password"
+
 
 class Role(enum.StrEnum):
     CLINICIAN = "clinician"
@@ -29,6 +33,11 @@ ROLE_DESCRIPTIONS: dict[Role, str] = {
 class Action(enum.StrEnum):
     USER_CREATE = "user:account:create"
     USER_DISABLE = "user:account:disable"
+    USER_ENABLE = "user:account:enable"
+    USER_CHANGE_ROLE = "user:account:change_role"
+    USER_UNLOCK = "user:account:unlock"
+    USER_LIST = "user:account:list"
+    ACCOUNT_LOCKOUT = "auth:account:lockout"
     SESSION_LOGIN = "auth:session:login"
     SESSION_LOGOUT = "auth:session:logout"
     STUDY_IMPORT = "study:study:import"
@@ -49,6 +58,7 @@ class Action(enum.StrEnum):
     AUDIT_READ = "audit:event:read"
     AUDIT_EXPORT = "audit:event:export"
     AUDIT_VERIFY = "audit:chain:verify"
+    AUDIT_ROTATE_KEY = "audit:anchor:rotate_key"
     DATABASE_UPGRADE = "system:database:upgrade"
 
 
@@ -57,7 +67,12 @@ _C, _R, _M, _A, _ADM = Role.CLINICIAN, Role.REVIEWER, Role.ML_ENGINEER, Role.AUD
 POLICY: dict[Action, frozenset[Role]] = {
     Action.USER_CREATE: frozenset({_ADM}),
     Action.USER_DISABLE: frozenset({_ADM}),
+    Action.USER_ENABLE: frozenset({_ADM}),
+    Action.USER_CHANGE_ROLE: frozenset({_ADM}),
+    Action.USER_UNLOCK: frozenset({_ADM}),
+    Action.USER_LIST: frozenset({_A, _ADM}),
     Action.SESSION_LOGIN: frozenset({_C, _R, _M, _A, _ADM}),
+    Action.ACCOUNT_LOCKOUT: frozenset({_C, _R, _M, _A, _ADM}),  # recorded when sign-in attempts lock a name
     Action.SESSION_LOGOUT: frozenset({_C, _R, _M, _A, _ADM}),
     Action.STUDY_IMPORT: frozenset({_C, _ADM}),
     Action.STUDY_LIST: frozenset({_C, _R, _M, _A, _ADM}),  # de-identified metadata only
@@ -77,6 +92,7 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.AUDIT_READ: frozenset({_A, _ADM}),
     Action.AUDIT_EXPORT: frozenset({_A, _ADM}),
     Action.AUDIT_VERIFY: frozenset({_A, _ADM}),
+    Action.AUDIT_ROTATE_KEY: frozenset({_ADM}),
     Action.DATABASE_UPGRADE: frozenset({_ADM}),
 }
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from compliance.policy import DEMO_PASSWORD
 from medvqa.cli_support import OneLineErrorGroup, training_options
 from medvqa.cli_support import emit as _emit
 from medvqa.cli_support import json_option as _json_option
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from medvqa.model.adapters import LoraSettings
     from medvqa.training.train import TrainSettings
 
-DEMO_PASSWORD = "medvqa-demo-password"
 DEMO_USERS = {  # username -> role; the demo is for trying the workbench, never for patient data
     "dr.demo": "clinician",
     "reviewer.demo": "reviewer",
@@ -66,6 +66,19 @@ def db_upgrade(as_json: bool) -> None:
     _emit(as_json, {"database": url, "from": before, "to": after}, f"database {url}: {before or 'empty'} -> {after}")
 
 
+@db.command("grant")
+@click.argument("role")
+@_json_option
+def db_grant(role: str, as_json: bool) -> None:
+    """PostgreSQL: grant the existing role ROLE what the application needs and no more (insert-only on the
+    append-only tables), so that the workbench can run as a role that cannot disable their triggers. Run it
+    as the tables' owner, after `medvqa db upgrade`."""
+    from medvqa.db.migrate import grant_application_role
+
+    statements = grant_application_role(_open_database(migrated=False), role)
+    _emit(as_json, {"role": role, "statements": statements}, "\n".join(f"{s};" for s in statements))
+
+
 @main.group()
 def users() -> None:
     """Manage user accounts (roles: clinician, reviewer, ml_engineer, auditor, admin)."""
@@ -98,19 +111,60 @@ def users_add(name: str, role: str, display_name: str, as_json: bool) -> None:
 @users.command("list")
 @_json_option
 def users_list(as_json: bool) -> None:
-    """List accounts and their roles."""
-    from sqlalchemy import select
+    """List accounts, their roles, and whether they are disabled or locked."""
+    from medvqa.config import load_settings
+    from medvqa.services.users import list_users
 
-    from medvqa.db import User
+    rows = list_users(_open_database(), _operator(), load_settings())
 
-    database = _open_database()
-    with database.read_session() as session:
-        rows = [
-            {"id": u.id, "username": u.username, "role": u.role.name, "active": u.is_active}
-            for u in session.scalars(select(User).order_by(User.id))
-        ]
-    text = "\n".join(f"{r['id']:>4}  {r['username']:<24} {r['role']}" for r in rows) or "no users"
-    _emit(as_json, {"users": rows}, text)
+    def line(row: dict[str, Any]) -> str:
+        state = "active" if row["active"] else "disabled"
+        if row["locked_until"]:
+            state += f", locked until {row['locked_until']}"
+        return f"{row['id']:>4}  {row['username']:<24} {row['role']:<12} {state}"
+
+    _emit(as_json, {"users": rows}, "\n".join(line(r) for r in rows) or "no users")
+
+
+@users.command("disable")
+@click.argument("name")
+def users_disable(name: str) -> None:
+    """Disable the account NAME: it cannot sign in, and its open workbench sessions end at their next request."""
+    from medvqa.services.users import set_active
+
+    set_active(_open_database(), _operator(), name, active=False)
+    click.echo(f"disabled {name}; its workbench sessions end at their next request")
+
+
+@users.command("enable")
+@click.argument("name")
+def users_enable(name: str) -> None:
+    """Enable the account NAME again."""
+    from medvqa.services.users import set_active
+
+    set_active(_open_database(), _operator(), name, active=True)
+    click.echo(f"enabled {name}")
+
+
+@users.command("role")
+@click.argument("name")
+@click.argument("role")
+def users_role(name: str, role: str) -> None:
+    """Give the account NAME the role ROLE; its open workbench sessions end at their next request."""
+    from medvqa.services.users import change_role
+
+    change_role(_open_database(), _operator(), name, role)
+    click.echo(f"{name} is now {role}; its workbench sessions end at their next request")
+
+
+@users.command("unlock")
+@click.argument("name")
+def users_unlock(name: str) -> None:
+    """Lift the lockout of NAME after too many failed sign-ins."""
+    from medvqa.services.users import unlock
+
+    unlock(_open_database(), _operator(), name)
+    click.echo(f"unlocked {name}")
 
 
 @main.command("import")
@@ -313,20 +367,59 @@ def feedback_command(
 @main.command("workbench")
 @click.option("--no-browser", is_flag=True, help="Do not open a browser tab (server use).")
 def workbench_command(no_browser: bool) -> None:
-    """Start the Streamlit workbench. Streamlit's own settings apply (STREAMLIT_SERVER_PORT,
-    STREAMLIT_SERVER_ADDRESS, .streamlit/config.toml, ...)."""
-    _open_database()  # fail here, in one line, rather than inside the app
-    _run_workbench(headless=no_browser)
+    """Start the Streamlit workbench on 127.0.0.1 unless STREAMLIT_SERVER_ADDRESS (or Streamlit's config file)
+    names another address. Streamlit's own settings apply (STREAMLIT_SERVER_PORT, .streamlit/config.toml, ...).
+    Refuses a non-loopback address while an account still has the published demo password."""
+    database = _open_database()  # fail here, in one line, rather than inside the app
+    _run_workbench(database, headless=no_browser)
 
 
-def _run_workbench(headless: bool) -> NoReturn:
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    if address in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _server_address() -> str | None:
+    """The address Streamlit would listen on by its own settings (environment, then config files); None when
+    none is set, in which case Streamlit would listen on every interface."""
+    import os
+
+    if os.environ.get("STREAMLIT_SERVER_ADDRESS"):
+        return os.environ["STREAMLIT_SERVER_ADDRESS"]
+    from streamlit import config as streamlit_config
+
+    value = streamlit_config.get_option("server.address")
+    return str(value) if value else None
+
+
+def _run_workbench(database: Database, headless: bool) -> NoReturn:
     """Replace this process with `streamlit run workbench/app.py`: one process, so stopping it stops the app,
     and Streamlit reads its own settings (STREAMLIT_* variables, .streamlit/config.toml) as usual."""
     import os
 
+    from medvqa.services.users import accounts_with_password
     from workbench import APP_PATH
 
     env = dict(os.environ)
+    address = _server_address()
+    if address is None:
+        address = env["STREAMLIT_SERVER_ADDRESS"] = "127.0.0.1"  # not every interface, unless configured
+    if not _is_loopback(address):
+        published = accounts_with_password(database, DEMO_PASSWORD)
+        if published:
+            raise MedVQAError(
+                f"refusing to serve on {address}: account(s) {', '.join(published)} still have the published demo "
+                "password; disable them (medvqa users disable NAME) or serve on 127.0.0.1"
+            )
     if headless:
         env.setdefault("STREAMLIT_SERVER_HEADLESS", "true")
     env.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")  # nothing leaves the hospital
@@ -342,34 +435,86 @@ def audit() -> None:
 
 
 @audit.command("verify")
-@click.option("--strict", is_flag=True, help="Also fail when the newest events are not in the anchor yet.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Also fail on the crash windows: events without their commit line, "
+    "intent lines without an event. Use after a clean stop of every writer.",
+)
 @_json_option
 def audit_verify(strict: bool, as_json: bool) -> None:
-    """Check the hash chain and the anchor kept outside the database. Exits 1 and names the first bad
-    sequence number when an event was edited, deleted, inserted or reordered, the tail was cut, or the
-    chain was recomputed."""
-    from compliance.policy import Action
-    from medvqa.services import audit as audit_service
-    from medvqa.services.transaction import write
+    """Check the hash chain, the anchor kept outside the database (and its keyed lines), every record the
+    trail vouches for (feedback, answers, reviews, users, adapters, rounds, studies...), and the
+    append-only triggers. Exits 1 naming the first bad event, or the records, when anything was edited,
+    deleted, inserted, reordered or cut, or the chain was recomputed."""
+    from medvqa.services.audit_log import verify_trail
 
-    database = _open_database()
-    report = audit_service.verify(database, strict)
-    outcome = "success" if report.ok else "failed"
-    summary = {"ok": report.ok, "events": report.events, "first_bad_seq": report.first_bad_seq}
-    write(
-        database,
-        lambda s: audit_service.record(
-            s, _operator(), Action.AUDIT_VERIFY, "audit", None, outcome=outcome, details=summary
-        ),
-    )
+    report = verify_trail(_open_database(), _operator(), strict)
+    lines = []
     if report.ok:
-        text = f"audit trail OK: {report.events} events, anchored through {report.anchored_seq}"
-        text += "".join(f"\nwarning: {w}" for w in report.warnings)
+        lines.append(
+            f"audit trail OK: {report.events} events, {report.rows_checked} records, "
+            f"anchored through {report.anchored_seq}"
+        )
+    elif report.first_bad_seq is not None:
+        lines.append(f"audit trail BROKEN at event {report.first_bad_seq}: {report.reason}")
     else:
-        text = f"audit trail BROKEN at event {report.first_bad_seq}: {report.reason}"
-    _emit(as_json, report.as_dict(), text)
+        lines.append(f"audit trail BROKEN: {report.reason}")
+    lines += [f"record: {problem}" for problem in report.row_problems[1:]]
+    lines += [f"schema: {problem}" for problem in report.schema_problems[1:]]
+    lines += [f"warning: {warning}" for warning in report.warnings]
+    lines += [f"note: {note}" for note in report.notes]
+    _emit(as_json, report.as_dict(), "\n".join(lines))
     if not report.ok:
         sys.exit(1)
+
+
+@audit.command("export")
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="CSV file to write ('-' for standard output).",
+)
+@click.option("--raw", is_flag=True, help="Stored values unchanged (to recompute hashes); never open in a spreadsheet.")
+@click.option("--user", "user", default="", help="Only events of this actor.")
+@click.option("--action", default="", help="Only this action (e.g. answer:feedback:create).")
+@click.option("--since", type=click.DateTime(), help="From this UTC time.")
+@click.option("--until", type=click.DateTime(), help="Up to this UTC time (inclusive).")
+@_json_option
+def audit_export(output: Path, raw: bool, user: str, action: str, since: Any, until: Any, as_json: bool) -> None:
+    """Export every matching event (no limit, streamed) as CSV with its hashes; the export is audited."""
+    from datetime import UTC
+
+    from medvqa.services.audit_log import AuditFilter, write_csv
+
+    search = AuditFilter(
+        user=user,
+        action=action,
+        since=since.replace(tzinfo=UTC) if since else None,
+        until=until.replace(tzinfo=UTC) if until else None,
+    )
+    database = _open_database()
+    if str(output) == "-":
+        write_csv(database, _operator(), sys.stdout, search, raw=raw)
+        return
+    temporary = output.with_name(f".{output.name}.partial")
+    with temporary.open("w", encoding="utf-8", newline="") as handle:
+        count = write_csv(database, _operator(), handle, search, raw=raw)
+    temporary.replace(output)  # a reader never sees half an export
+    _emit(as_json, {"rows": count, "output": str(output)}, f"exported {count} event(s) to {output}")
+
+
+@audit.command("rotate-key")
+@_json_option
+def audit_rotate_key(as_json: bool) -> None:
+    """Start signing anchor lines with a new key (MEDVQA_AUDIT_ANCHOR_KEY_FILE keeps the old ones for the
+    lines they signed; a line signed with an old key after the new one was used fails verification)."""
+    from medvqa.services.audit_log import rotate_anchor_key
+
+    kid = rotate_anchor_key(_open_database(), _operator())
+    _emit(as_json, {"key_id": kid}, f"anchor lines are now signed with key {kid}")
 
 
 @main.command()
@@ -377,19 +522,22 @@ def audit_verify(strict: bool, as_json: bool) -> None:
 @click.option("--no-browser", is_flag=True, help="Start the workbench without opening a browser tab.")
 def demo(no_app: bool, no_browser: bool) -> None:
     """Set up the embedded default: SQLite under MEDVQA_HOME, one demo account per role, and the
-    VQA-RAD teaching images as de-identified demo studies (MEDVQA_DEMO_DATA); then start the workbench."""
-    from sqlalchemy import select
-
+    VQA-RAD teaching images as de-identified demo studies (MEDVQA_DEMO_DATA); then start the workbench on
+    127.0.0.1 (the demo accounts share a published password, so no other address is served)."""
     from medvqa.config import load_settings
-    from medvqa.db import User
     from medvqa.db.migrate import upgrade
-    from medvqa.services.users import add_user
+    from medvqa.services.users import add_user, list_users
 
+    address = None if no_app else _server_address()
+    if address is not None and not _is_loopback(address):
+        raise MedVQAError(
+            f"medvqa demo serves accounts with a published password, so it listens on 127.0.0.1 only, not on "
+            f"{address} (unset STREAMLIT_SERVER_ADDRESS or server.address)"
+        )
     settings = load_settings()
     database = _open_database(migrated=False)
     upgrade(database)
-    with database.read_session() as session:
-        existing = set(session.scalars(select(User.username)))
+    existing = {row["username"] for row in list_users(database, _operator())}
     for username, role in DEMO_USERS.items():
         if username not in existing:
             add_user(database, _operator(), username, DEMO_PASSWORD, role, f"Demo {role}")
@@ -404,7 +552,7 @@ def demo(no_app: bool, no_browser: bool) -> None:
     click.echo("preparing the answering model (the first run builds it under MEDVQA_HOME, about a minute)")
     click.echo(f"model: {base_model_path(settings)}")
     click.echo("starting the workbench (Ctrl+C stops it)")
-    _run_workbench(headless=no_browser)
+    _run_workbench(database, headless=no_browser)
 
 
 def _import_demo_studies(database: Database, settings: Any) -> None:

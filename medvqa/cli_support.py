@@ -137,7 +137,8 @@ def operator() -> Actor:
 
 def signed_in(database: Database, username: str) -> Actor:
     """The named account, after its password (prompt, or the first line of standard input) matches."""
-    from medvqa.services.users import authenticate
+    from medvqa.config import load_settings
+    from medvqa.services.users import LOCAL_SOURCE, ThrottleSettings, authenticate
 
     if sys.stdin.isatty():
         password = str(click.prompt(f"Password for {username}", hide_input=True))
@@ -145,4 +146,4 @@ def signed_in(database: Database, username: str) -> Actor:
         password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         raise MedVQAError("no password on standard input (give it on the first line)")
-    return authenticate(database, username, password)
+    return authenticate(database, username, password, LOCAL_SOURCE, ThrottleSettings.from_settings(load_settings()))

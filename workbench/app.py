@@ -31,7 +31,7 @@ def pages_for(role: str) -> list[st.Page]:
 
 def main() -> None:
     st.set_page_config(page_title="medvqa workbench", layout="wide")
-    auth.enforce_idle_timeout()
+    auth.enforce_session()
     actor = auth.current_actor()
     if actor is None:
         st.navigation([st.Page(auth.sign_in_page, title="Sign in", icon=":material/login:")]).run()

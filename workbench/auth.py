@@ -1,10 +1,11 @@
 """Who is signed in: the sign-in form (local accounts, or the hospital's OIDC provider through st.login),
-the server-side idle timeout, sign-out, and the role check every page and button goes through."""
+the server-side session checks on every request (idle timeout, absolute lifetime, account disabled or role
+changed), sign-out, and the role check every page and button goes through."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import streamlit as st
@@ -12,12 +13,14 @@ import streamlit as st
 from medvqa.errors import AccessDenied, MedVQAError
 from medvqa.services.access import authorize
 from medvqa.services.audit import Actor
-from medvqa.services.sessions import is_idle, sign_in_external, sign_out
-from medvqa.services.users import authenticate
+from medvqa.services.sessions import check_session, is_idle, sign_in_external, sign_out, start_session
+from medvqa.services.users import ThrottleSettings, authenticate
 from workbench import resources
 
 ACTOR = "medvqa_actor"
 LAST_SEEN = "medvqa_last_seen"
+STARTED = "medvqa_session_started"
+TOKEN = "medvqa_session_token"
 NOTICE = "medvqa_notice"
 DONE = "medvqa_done"
 T = TypeVar("T")
@@ -36,30 +39,62 @@ def oidc_configured() -> bool:
         return False
 
 
-def enforce_idle_timeout() -> None:
-    """Sign out a session idle for longer than MEDVQA_WORKBENCH_IDLE_TIMEOUT_MINUTES; else note this visit."""
+def client_address() -> str | None:
+    """The browser's address as Streamlit sees it (None for connections through localhost)."""
+    try:
+        address = st.context.ip_address
+    except Exception:  # outside a browser session (AppTest) there is no request to ask
+        return None
+    return str(address) if address else None
+
+
+def _notice(reason: str) -> str:
+    current = resources.settings()
+    return {
+        "idle timeout": f"You were signed out after {current.workbench_idle_timeout_minutes} minutes without activity.",
+        "session lifetime": f"Your session reached its maximum length of {current.workbench_session_max_hours:g} "
+        "hours; please sign in again.",
+        "account disabled": "Your account was disabled; you were signed out.",
+        "role changed": "Your role was changed; please sign in again.",
+    }.get(reason, "Your session was ended; please sign in again.")
+
+
+def enforce_session() -> None:
+    """On every request, before anything else runs: sign out a session idle for longer than
+    MEDVQA_WORKBENCH_IDLE_TIMEOUT_MINUTES, older than MEDVQA_WORKBENCH_SESSION_MAX_HOURS, whose account was
+    disabled or given another role, or that was ended elsewhere; else note this visit."""
     actor, now = current_actor(), datetime.now(UTC)
     if actor is None:
         return
-    minutes = resources.settings().workbench_idle_timeout_minutes
+    current = resources.settings()
     last_seen = st.session_state.get(LAST_SEEN, now)
-    if is_idle(last_seen, now, minutes):
-        end_session("idle timeout")
-        st.session_state[NOTICE] = f"You were signed out after {minutes} minutes without activity."
+    started = st.session_state.setdefault(STARTED, now)
+    reason = "idle timeout" if is_idle(last_seen, now, current.workbench_idle_timeout_minutes) else None
+    if reason is None:
+        max_age = timedelta(hours=current.workbench_session_max_hours)
+        check = check_session(
+            resources.database(), actor, st.session_state.get(TOKEN), started, max_age=max_age, now=now
+        )
+        reason = check.ended_reason
+    if reason is not None:
+        end_session(reason)
+        st.session_state[NOTICE] = _notice(reason)
         return
     st.session_state[LAST_SEEN] = now
 
 
 def begin_session(actor: Actor) -> None:
+    token = start_session(resources.database(), actor)
     st.session_state[ACTOR] = actor
-    st.session_state[LAST_SEEN] = datetime.now(UTC)
+    st.session_state[TOKEN] = token
+    st.session_state[LAST_SEEN] = st.session_state[STARTED] = datetime.now(UTC)
 
 
 def end_session(reason: str = "signed out") -> None:
     """Audit the sign-out and forget everything this session held (answers, keys, filters)."""
     actor = current_actor()
     if actor is not None:
-        sign_out(resources.database(), actor, reason)
+        sign_out(resources.database(), actor, reason, st.session_state.get(TOKEN))
     for key in list(st.session_state.keys()):
         del st.session_state[key]
     if oidc_configured() and getattr(st.user, "is_logged_in", False):
@@ -79,7 +114,8 @@ def sign_in_page() -> None:
         submitted = st.form_submit_button("Sign in")
     if submitted:
         try:
-            actor = authenticate(resources.database(), username.strip(), password)
+            throttle = ThrottleSettings.from_settings(resources.settings())
+            actor = authenticate(resources.database(), username.strip(), password, client_address(), throttle)
         except MedVQAError as exc:
             st.error(str(exc))
             return
@@ -94,7 +130,7 @@ def _oidc_sign_in() -> None:
         return
     username = str(st.user.get("preferred_username") or st.user.get("email") or "")
     try:
-        begin_session(sign_in_external(resources.database(), username, "oidc"))
+        begin_session(sign_in_external(resources.database(), username, "oidc", client_address()))
     except MedVQAError as exc:
         st.error(str(exc))
         return

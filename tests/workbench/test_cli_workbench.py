@@ -9,7 +9,10 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from compliance.policy import DEMO_PASSWORD
 from medvqa.cli import main
+from medvqa.services.users import add_user, set_active
+from tests.factories import OPERATOR
 from tests.test_demo import fake_vqa_rad
 from workbench import APP_PATH
 
@@ -50,8 +53,10 @@ def test_demo_sets_up_then_starts_the_app(tmp_path, monkeypatch, exec_calls):
     monkeypatch.setenv("MEDVQA_DEMO_DATA", str(fake_vqa_rad(tmp_path / "vqa")))
     for name in ("MEDVQA_DATABASE_URL", "MEDVQA_AUDIT_ANCHOR"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("STREAMLIT_SERVER_ADDRESS", raising=False)
     result = CliRunner().invoke(main, ["demo"])
     assert result.exit_code == 0 and "demo studies: 3 imported" in result.stdout
+    assert exec_calls[0][2]["STREAMLIT_SERVER_ADDRESS"] == "127.0.0.1"
     assert "starting the workbench" in result.stdout and len(exec_calls) == 1
     assert exec_calls[0][1][-1] == str(APP_PATH)
 
@@ -72,3 +77,38 @@ def test_help_and_the_app_modules_do_not_import_torch():
 def test_help_lists_the_new_commands():
     text = CliRunner().invoke(main, ["--help"]).stdout
     assert all(name in text for name in ("workbench", "ask", "feedback", "demo"))
+
+
+def test_workbench_listens_on_loopback_unless_an_address_is_configured(db, cli_env, exec_calls, monkeypatch):
+    monkeypatch.delenv("STREAMLIT_SERVER_ADDRESS", raising=False)
+    assert CliRunner().invoke(main, ["workbench", "--no-browser"]).exit_code == 0
+    assert exec_calls[-1][2]["STREAMLIT_SERVER_ADDRESS"] == "127.0.0.1"
+    monkeypatch.setenv("STREAMLIT_SERVER_ADDRESS", "10.0.0.5")  # configured: kept (no published password here)
+    assert CliRunner().invoke(main, ["workbench", "--no-browser"]).exit_code == 0
+    assert exec_calls[-1][2]["STREAMLIT_SERVER_ADDRESS"] == "10.0.0.5"
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "10.0.0.5", "medvqa.hospital.example"])
+def test_workbench_refuses_another_address_while_an_account_has_the_demo_password(
+    db, cli_env, exec_calls, monkeypatch, address
+):
+    add_user(db, OPERATOR, "dr.demo", DEMO_PASSWORD, "clinician")
+    monkeypatch.setenv("STREAMLIT_SERVER_ADDRESS", address)
+    result = CliRunner().invoke(main, ["workbench", "--no-browser"])
+    assert result.exit_code == 1 and not exec_calls
+    assert result.stderr.count("\n") == 1 and f"refusing to serve on {address}" in result.stderr
+    assert "dr.demo" in result.stderr
+    set_active(db, OPERATOR, "dr.demo", active=False)  # once no active account has it, the address is served
+    assert CliRunner().invoke(main, ["workbench", "--no-browser"]).exit_code == 0
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "192.168.1.10"])
+def test_demo_refuses_a_non_loopback_address_before_setting_anything_up(tmp_path, monkeypatch, exec_calls, address):
+    monkeypatch.setenv("MEDVQA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MEDVQA_DEMO_DATA", str(fake_vqa_rad(tmp_path / "vqa")))
+    monkeypatch.setenv("STREAMLIT_SERVER_ADDRESS", address)
+    for name in ("MEDVQA_DATABASE_URL", "MEDVQA_AUDIT_ANCHOR"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 1 and not exec_calls and "listens on 127.0.0.1 only" in result.stderr
+    assert not (tmp_path / "home" / "medvqa.db").exists()
