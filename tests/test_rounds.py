@@ -17,9 +17,9 @@ from medvqa.db import Adapter, AdapterStatus, AuditEvent, Dataset, TrainingRound
 from medvqa.db.engine import Database
 from medvqa.errors import AccessDenied, InvalidInput
 from medvqa.model.adapters import LoraSettings, adapter_sha256
-from medvqa.services import promotion
+from medvqa.services import audit, promotion
 from medvqa.services.ask import live_adapter_id
-from medvqa.services.audit import Actor
+from medvqa.services.audit import Actor, verify
 from medvqa.services.round_reproduce import reproduce_round
 from medvqa.services.rounds import (
     RoundOptions,
@@ -161,6 +161,12 @@ def test_gate_then_two_people_promote_and_rollback_is_one_step(env, tmp_path):
     assert live_adapter_id(env.db) == outcome.adapter_id  # answers from now on name this adapter
     assert promotion.rollback(env.db, env.admin, "bad answers reported") is None
     assert live_adapter_id(env.db) is None
+    # The snapshot, the round, the adapter and each status change are records the trail vouches for.
+    report = verify(env.db, strict=True)
+    assert report.ok, report.reason
+    with env.db.read_session() as session:
+        vouched = {t for e in audit.iter_events(session) for t, _, _ in e.details.get("row_digests", [])}
+    assert {"datasets", "training_rounds", "adapters", "answers", "reviews"} <= vouched
 
 
 def test_a_failed_gate_blocks_the_promotion_request(env):
