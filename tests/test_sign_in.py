@@ -197,3 +197,17 @@ def test_cli_sign_in_is_throttled_too(db, cli_env, clinician, answer_id):
         main, ["feedback", str(answer_id), "--verdict", "correct", "--user", clinician.name], input=PASSWORD + "\n"
     )
     assert result.exit_code == 1 and "is locked after 5 failed sign-ins" in result.output
+
+
+def test_wrong_signature_passwords_count_towards_the_lockout(db, clinician, answer_id):
+    """An unattended reviewer session must not become a way to guess its owner's password."""
+    from medvqa.services.review import ReviewInput, adjudicate
+
+    reviewer = factories.make_user(db, "reviewer")
+    for _ in range(5):
+        with pytest.raises(AccessDenied, match="signature refused: the password does not match"):
+            adjudicate(db, reviewer, ReviewInput(answer_id, "correct", "review", WRONG))
+    with pytest.raises(AccessDenied, match="signature refused: the account is locked until"):
+        adjudicate(db, reviewer, ReviewInput(answer_id, "correct", "review", PASSWORD))
+    assert "is locked" in fail(db, reviewer.name, password=PASSWORD)
+    assert events(db, "auth:account:lockout")[-1].details["source"] == "signature"

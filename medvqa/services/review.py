@@ -12,20 +12,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from compliance.policy import Action
-from medvqa.db import Answer, Feedback, Instance, Question, Review, Series, Study, User, Verdict
+from medvqa.db import Answer, Feedback, Instance, Question, Review, Series, Study, Verdict
 from medvqa.db.base import utcnow
 from medvqa.db.engine import Database
-from medvqa.errors import AccessDenied, InvalidInput, NotFound
+from medvqa.errors import InvalidInput, NotFound
 from medvqa.services import audit
 from medvqa.services.access import authorize
 from medvqa.services.audit import Actor
 from medvqa.services.transaction import write
+from medvqa.services.users import reauthenticate
 
 READINGS = 2  # double reading: at most two independent reviewers per answer
 SIGNATURE_MEANINGS = {  # 21 CFR 11.50(a)(3): the meaning associated with the signature
@@ -34,7 +33,6 @@ SIGNATURE_MEANINGS = {  # 21 CFR 11.50(a)(3): the meaning associated with the si
     "responsibility": "I take responsibility for this adjudication",
     "authorship": "I am the author of the reference answer",
 }
-_hasher = PasswordHasher()
 
 
 @dataclass(frozen=True)
@@ -161,24 +159,11 @@ def _validate(item: ReviewInput) -> None:
 
 
 def _check_signature(db: Database, actor: Actor, item: ReviewInput) -> str:
-    """The signer's printed name, once the password re-entered for this signature matches; else audited refusal."""
-    with db.read_session() as session:
-        user = session.get(User, actor.user_id) if actor.user_id is not None else None
-        name, stored = (user.display_name or user.username, user.password_hash) if user else ("", "")
-    try:
-        ok = bool(stored) and _hasher.verify(stored, item.password)
-    except (VerificationError, InvalidHashError):
-        ok = False
-    if not ok:
-        details = {"reason": "password did not match", "answer_id": item.answer_id}
-        write(
-            db,
-            lambda s: audit.record(
-                s, actor, Action.REVIEW_SIGN, "answer", item.answer_id, outcome="failed", details=details
-            ),
-        )
-        raise AccessDenied("signature refused: the password does not match the signed-in account")
-    return name
+    """The signer's printed name, once the password re-entered for this signature matches; else an audited
+    refusal. Wrong signature passwords count towards the account's sign-in lockout, so an unattended session
+    cannot be used to guess its owner's password."""
+    details = {"reason": "password did not match", "answer_id": item.answer_id}
+    return reauthenticate(db, actor, item.password, Action.REVIEW_SIGN, "answer", item.answer_id, details)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from compliance.policy import DEMO_PASSWORD, Action, Role
-from medvqa.config import Settings
+from medvqa.config import Settings, load_settings
 from medvqa.db import Role as RoleRow
 from medvqa.db import SignInAttempt, User, UserSession
 from medvqa.db.base import utcnow
@@ -276,7 +276,7 @@ def authenticate(
     typed, cut and hashed when it is long or not printable); failures count towards a lockout of the name
     and a block of the source address. A locked name or blocked source is refused without checking the
     password, whether or not the account exists."""
-    throttle = throttle or ThrottleSettings()
+    throttle = throttle or ThrottleSettings.from_settings(load_settings())
     source = source or LOCAL_SOURCE
     now = utcnow()
     name_key, source_key = _name_key(username), _source_key(source)
@@ -339,6 +339,47 @@ def _audit_attempt(
         return until
 
     return write(db, work)
+
+
+def reauthenticate(
+    db: Database,
+    actor: Actor,
+    password: str,
+    action: str,
+    object_type: str,
+    object_id: object,
+    failure_details: dict[str, Any],
+    throttle: ThrottleSettings | None = None,
+) -> str:
+    """The signed-in account's printed name once its password, entered again (an electronic signature,
+    21 CFR 11.200), matches. A locked account signs nothing; a wrong password is audited as a failed `action`
+    and counts towards the lockout like a failed sign-in."""
+    throttle = throttle or ThrottleSettings.from_settings(load_settings())
+    name_key, now = _name_key(actor.name), utcnow()
+    with db.read_session() as session:
+        user = session.get(User, actor.user_id) if actor.user_id is not None else None
+        locked = _locked_until(session, name_key, now, throttle)
+        name, stored = (user.display_name or user.username, user.password_hash) if user else ("", _DUMMY_HASH)
+    if locked is not None:
+        raise AccessDenied(f"signature refused: the account is locked until {_clock(locked)}")
+    if _password_matches(stored, password) and user is not None:
+        return name
+
+    def work(session: Session) -> None:
+        session.add(
+            SignInAttempt(ts=utcnow(), username_key=name_key, source_key=_source_key("signature"), kind="failure")
+        )
+        session.flush()
+        audit.record(session, actor, action, object_type, object_id, outcome="failed", details=failure_details)
+        until = _locked_until(session, name_key, utcnow(), throttle)
+        if until is not None:
+            lockout = {"until": until.isoformat(), "failures": throttle.max_failures, "source": "signature"}
+            audit.record(
+                session, actor, Action.ACCOUNT_LOCKOUT, "user", actor.user_id, outcome="denied", details=lockout
+            )
+
+    write(db, work)
+    raise AccessDenied("signature refused: the password does not match the signed-in account")
 
 
 def _password_matches(password_hash: str, password: str) -> bool:
