@@ -287,16 +287,17 @@ def authenticate(
         locked = None if blocked else _locked_until(session, name_key, now, throttle)
     actor = Actor(username, user.role.name if user else "unknown", user.id if user else None)
     details: dict[str, Any] = {"source": source}
-    if blocked or locked:
-        message = (
-            f"too many failed sign-ins from this address: try again after {_clock(blocked)}"
-            if blocked
-            else f"account {bounded(username, 64)!r} is locked after {throttle.max_failures} failed sign-ins until "
-            f"{_clock(locked)}; an administrator can unlock it"  # type: ignore[arg-type]
-        )
-        details["reason"] = "source blocked" if blocked else "account locked"
+    if blocked is not None:
+        details["reason"] = "source blocked"
         _audit_attempt(db, actor, "denied", details)
-        raise AccessDenied(message)
+        raise AccessDenied(f"too many failed sign-ins from this address: try again after {_clock(blocked)}")
+    if locked is not None:
+        details["reason"] = "account locked"
+        _audit_attempt(db, actor, "denied", details)
+        raise AccessDenied(
+            f"account {bounded(username, 64)!r} is locked after {throttle.max_failures} failed sign-ins until "
+            f"{_clock(locked)}; an administrator can unlock it"
+        )
     if password == DEMO_PASSWORD and not is_local(source):
         details["reason"] = "demo password from another machine"
         _audit_attempt(db, actor, "failed", details, name_key, source_key)
