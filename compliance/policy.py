@@ -50,6 +50,7 @@ class Action(enum.StrEnum):
     AUDIT_EXPORT = "audit:event:export"
     AUDIT_VERIFY = "audit:chain:verify"
     DATABASE_UPGRADE = "system:database:upgrade"
+    STORE_CHECK = "system:store:check"
 
 
 _C, _R, _M, _A, _ADM = Role.CLINICIAN, Role.REVIEWER, Role.ML_ENGINEER, Role.AUDITOR, Role.ADMIN
@@ -78,6 +79,7 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.AUDIT_EXPORT: frozenset({_A, _ADM}),
     Action.AUDIT_VERIFY: frozenset({_A, _ADM}),
     Action.DATABASE_UPGRADE: frozenset({_ADM}),
+    Action.STORE_CHECK: frozenset({_ADM}),
 }
 
 
