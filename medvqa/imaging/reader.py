@@ -7,10 +7,13 @@ import io
 import logging
 import re
 import struct
+import unicodedata
+import warnings
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, PngImagePlugin
 from pydicom import config, dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -25,11 +28,17 @@ from medvqa.errors import ImportRefused, ImportSkipped
 # (structure notes such as "expected explicit VR") is kept to errors.
 config.settings.reading_validation_mode = config.IGNORE
 logging.getLogger("pydicom").setLevel(logging.ERROR)
+# Pillow inflates PNG text chunks while reading the header, up to 64 MiB in all by default: a text-chunk bomb would
+# cost that much before any size check. Teaching images carry no text worth a megabyte.
+PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, 1 << 20)
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 LENIENT_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # leading zeros: a common vendor quirk, harmless
 UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA_TAG = 0x7FE00010
+INFLATE_INPUT_CHUNK = 64 << 10
+INFLATE_OUTPUT_CHUNK = 1 << 20
 IDENTITY_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -81,17 +90,61 @@ def _transfer_syntax(data: bytes) -> UID:
 
 
 def _check_inflated_size(data: bytes, limit: int) -> None:
-    """Inflate with a ceiling before pydicom inflates without one: a deflate bomb stops here."""
-    meta_length = struct.unpack("<I", data[140:144])[0] if data[132:136] == b"\x02\x00\x00\x00" else None
-    if meta_length is None:
+    """Inflate in chunks, counting and discarding, before pydicom inflates without a ceiling: a deflate bomb
+    stops here having held no more than one chunk of its output (the file's own bytes aside)."""
+    if data[132:136] != b"\x02\x00\x00\x00" or len(data) < 144:
         raise ImportRefused("deflated file without a file meta group length")
+    (meta_length,) = struct.unpack("<I", data[140:144])
+    body = memoryview(data)[144 + meta_length :]
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
     try:
-        inflated = inflater.decompress(data[144 + meta_length :], limit + 1)
+        for start in range(0, len(body), INFLATE_INPUT_CHUNK):
+            pending: bytes | memoryview = body[start : start + INFLATE_INPUT_CHUNK]
+            while pending and not inflater.eof:
+                total += len(inflater.decompress(pending, INFLATE_OUTPUT_CHUNK))
+                if total > limit:
+                    raise ImportRefused(f"deflated data expands beyond {limit} bytes (a deflate bomb?)")
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
+                break
     except zlib.error:
         raise ImportRefused("deflated data is corrupt") from None
-    if len(inflated) > limit or inflater.unconsumed_tail:
-        raise ImportRefused(f"deflated data expands beyond {limit} bytes (a deflate bomb?)")
+
+
+def check_image_size(data: bytes, limits: ImportLimits) -> None:
+    """A PNG or JPEG is refused from its header when decoding it would take more than the file limit (or the
+    pixel limit): nothing is decoded, so a decompression bomb costs its own bytes and a constant."""
+    if not data.startswith(IMAGE_SIGNATURES):
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as opened:
+                (width, height), mode = opened.size, opened.mode
+    except Image.DecompressionBombError:
+        raise ImportRefused("the image declares too many pixels (a decompression bomb?)") from None
+    except Exception:
+        return  # not a readable image: the conversion refuses it with its reason
+    per_pixel = max(3, Image.getmodebands(mode) * _bytes_per_band(mode))
+    decoded = width * height * per_pixel
+    if width * height * 3 > limits.max_pixels:
+        raise ImportRefused(
+            f"{width} x {height} image exceeds the limit of {limits.max_pixels} samples (MEDVQA_IMPORT_MAX_PIXELS)"
+        )
+    if decoded > limits.max_file_bytes:
+        raise ImportRefused(
+            f"{width} x {height} image would take {decoded} bytes decoded, beyond {limits.max_file_bytes} "
+            "(MEDVQA_IMPORT_MAX_FILE_BYTES; a decompression bomb?)"
+        )
+
+
+def _bytes_per_band(mode: str) -> int:
+    if mode in ("I", "F", "RGBa"):
+        return 4
+    if mode.startswith("I;16"):
+        return 2
+    return 1
 
 
 def _parse(data: bytes) -> Dataset:
@@ -177,6 +230,23 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
 def scrub_message(exc: BaseException) -> str:
     """An exception's message on one line, with quoted values removed: parser messages may quote element
     values, and those may be identifiers."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    try:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    except Exception:  # an exception whose __str__ fails
+        lines = []
     text = "; ".join(lines) or type(exc).__name__
-    return re.sub(r"(['\"]).*?\1", "…", text)[:300]
+    text = re.sub(r"['\"].*['\"]", "…", text)  # from the first quote to the last: bytes literals nest quotes
+    return one_line(re.sub(r"['\"].*", "…", text))[:300]
+
+
+def one_line(text: str) -> str:
+    """`text` safe to print on one line: control, format and separator characters (newlines, terminal escapes,
+    bidirectional overrides) and undecodable bytes of a file name are written as escapes."""
+    out = []
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp", "Co", "Cn"):
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)
