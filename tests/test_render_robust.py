@@ -168,3 +168,30 @@ def test_legacy_unrenderable_files_in_the_store_give_one_line_not_a_traceback(db
     with pytest.raises(SeriesError, match="is missing") as missing:
         read_series_files([store.path(path)])
     assert str(settings.store_dir) not in str(missing.value)
+
+
+@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "SC_rgb_jpeg_dcmtk.dcm", "MR_small.dcm"])
+def test_the_render_check_reuses_the_pixels_the_import_decoded(name, tmp_path, monkeypatch):
+    """Decoding is the costly step for compressed files: the import decodes once, and the render check reads
+    the same pixels back from the de-identified bytes without decoding them again (pixel hash unchanged)."""
+    from pathlib import Path
+
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels.decoders.base import Decoder
+
+    from tests.test_import import prepare
+
+    calls = []
+    real = Decoder.as_array
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.UID)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "as_array", counting)
+    data = Path(get_testdata_file(name)).read_bytes()
+    record = prepare(data, load_settings(home=tmp_path / "home"))
+    assert len(calls) == 1
+    from medvqa.imaging.importer import hash_pixels
+
+    assert record.pixel_hash == hash_pixels(np.asarray(pydicom.dcmread(io.BytesIO(data)).pixel_array))

@@ -12,7 +12,7 @@ FrameError that says which part is not: showing wrong values would be worse than
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +21,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, convert_color_space
 
 from medvqa.errors import InvalidInput
-from medvqa.imaging.reader import scrub_message
+from medvqa.imaging.reader import Decoded, pixel_key, scrub_message
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 YBR_FULL = ("YBR_FULL", "YBR_FULL_422")
@@ -98,12 +98,13 @@ def lenient_int(dataset: pydicom.Dataset, keyword: str) -> int | None:
     return int(number) if number is not None and number.is_integer() and abs(number) < 2**63 else None
 
 
-def read_frames(dataset: pydicom.Dataset, input_index: int) -> list[Frame]:
-    """Decode every frame of `dataset` into modality units (grey) or RGB 0..255 (colour)."""
+def read_frames(dataset: pydicom.Dataset, input_index: int, decoded: Sequence[Decoded] = ()) -> list[Frame]:
+    """Decode every frame of `dataset` into modality units (grey) or RGB 0..255 (colour). `decoded`: pixels
+    already decoded from the same pixel data (used when their `pixel_key` matches, instead of decoding again)."""
     sop_uid = str(dataset.get("SOPInstanceUID", ""))
     if not any(keyword in dataset for keyword in PIXEL_KEYWORDS):
         raise FrameError(f"instance {sop_uid or input_index} has no pixel data (e.g. a report or structured set)")
-    stored, photometric, bits = _decode(dataset, sop_uid)
+    stored, photometric, bits = _decode(dataset, sop_uid, decoded)
     number = lenient_int(dataset, "InstanceNumber")
     frames = []
     for index in range(stored.shape[0]):
@@ -126,7 +127,7 @@ def read_frames(dataset: pydicom.Dataset, input_index: int) -> list[Frame]:
     return frames
 
 
-def _decode(dataset: pydicom.Dataset, sop_uid: str) -> tuple[np.ndarray, str, int]:
+def _decode(dataset: pydicom.Dataset, sop_uid: str, decoded: Sequence[Decoded] = ()) -> tuple[np.ndarray, str, int]:
     """Stored values as [frames, H, W(, 3)], the photometric interpretation they are now in, and BitsStored.
 
     pydicom 3 already converts YBR_FULL(_422) to RGB while decoding (and JPEG codecs convert themselves); the
@@ -137,8 +138,10 @@ def _decode(dataset: pydicom.Dataset, sop_uid: str) -> tuple[np.ndarray, str, in
     if syntax is None:
         raise FrameError(f"instance {sop_uid} has no Transfer Syntax UID in its file meta; re-save it as a DICOM file")
     syntax = pydicom.uid.UID(str(syntax))
+    key = pixel_key(dataset) if decoded else ()
+    known = next((item for item in decoded if item.key == key), None)
     try:
-        array, meta = get_decoder(syntax).as_array(dataset)
+        array, meta = (known.array, known.meta) if known else get_decoder(syntax).as_array(dataset)
         photometric = str(meta.get("photometric_interpretation", dataset.get("PhotometricInterpretation", "")))
         samples = int(meta.get("samples_per_pixel", 1))
         bits = int(meta.get("bits_stored") or dataset.BitsStored)

@@ -21,7 +21,14 @@ from pydicom.multival import MultiValue
 
 from compliance.deid import Deidentifier, DeidError
 from medvqa.errors import ImportRefused, ImportSkipped
-from medvqa.imaging.reader import ImportLimits, check_image_size, decode_pixels, read_dicom, scrub_message
+from medvqa.imaging.reader import (
+    ImportLimits,
+    capture_decoded,
+    check_image_size,
+    decode_pixels,
+    read_dicom,
+    scrub_message,
+)
 from medvqa.imaging.render_check import check_renders
 from medvqa.imaging.secondary_capture import dataset_from_image, is_plain_image
 from medvqa.imaging.store import ContentStore
@@ -58,8 +65,9 @@ class InstanceRecord:
 def prepare_instance(data: bytes, deid: Deidentifier, store: ContentStore, limits: ImportLimits) -> InstanceRecord:
     """Check, decode, de-identify and store one file; raise ImportRefused (nothing stored) when it is bad."""
     check_image_size(data, limits)  # a PNG/JPEG decompression bomb is refused from its header
-    record, encoded = _deidentified(data, deid, limits)
-    colour = check_renders(encoded)  # what the viewer and the model could not open is refused, not stored
+    with capture_decoded() as decoded:  # the pixels are decoded once: the render check reuses them
+        record, encoded = _deidentified(data, deid, limits)
+    colour = check_renders(encoded, decoded)  # what the viewer and the model could not open is refused, not stored
     return replace(record, colour=colour, storage_path=store.put(encoded))  # disk errors stay errors
 
 

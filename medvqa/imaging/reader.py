@@ -3,6 +3,8 @@ patient identifier, and comes before memory is spent on what the file merely dec
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 import logging
 import re
@@ -10,7 +12,9 @@ import struct
 import unicodedata
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -18,7 +22,8 @@ from pydicom import config, dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
-from pydicom.pixels.utils import get_expected_length
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.utils import as_pixel_options, get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
 
 from medvqa.errors import ImportRefused, ImportSkipped
@@ -41,6 +46,19 @@ INFLATE_INPUT_CHUNK = 64 << 10
 INFLATE_OUTPUT_CHUNK = 1 << 20
 IDENTITY_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+PIXEL_MODULE = (
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "ExtendedOffsetTable",
+)
 
 
 @dataclass(frozen=True)
@@ -218,13 +236,57 @@ def _check_decoder(transfer_syntax: UID) -> None:
         raise ImportRefused(f"transfer syntax {transfer_syntax.name} ({transfer_syntax}) cannot be decoded here")
 
 
-def decode_pixels(ds: Dataset) -> np.ndarray:
-    """The stored pixel values (before any LUT), decoding compressed data; a corrupt stream is refused."""
+@dataclass(frozen=True, eq=False)
+class Decoded:
+    """Pixels decoded once, with what they were decoded from (`pixel_key`), so that reading the same pixel data
+    back (the render check) need not decode them again."""
+
+    key: tuple[object, ...]
+    array: np.ndarray
+    meta: dict[str, Any]
+
+
+_captured: contextvars.ContextVar[list[Decoded] | None] = contextvars.ContextVar("medvqa_decoded", default=None)
+
+
+@contextlib.contextmanager
+def capture_decoded() -> Iterator[list[Decoded]]:
+    """Within the block, every `decode_pixels` also keeps what it decoded in the list yielded."""
+    captured: list[Decoded] = []
+    token = _captured.set(captured)
     try:
-        return np.asarray(ds.pixel_array)
+        yield captured
+    finally:
+        _captured.reset(token)
+
+
+def pixel_key(ds: Dataset) -> tuple[object, ...]:
+    """Everything a decoder's output depends on: the transfer syntax, the pixel data bytes (compared by value)
+    and the pixel module's attributes as stored."""
+    meta = ds.get("file_meta")
+    values: list[object] = [str(meta.get("TransferSyntaxUID", "")) if isinstance(meta, Dataset) else ""]
+    for keyword in (*PIXEL_KEYWORDS, *PIXEL_MODULE):
+        try:
+            value = ds.get(keyword)
+            values.append(value if isinstance(value, bytes) or value is None else str(value))
+        except Exception:
+            values.append(("unreadable", keyword))
+    return tuple(values)
+
+
+def decode_pixels(ds: Dataset) -> np.ndarray:
+    """The stored pixel values (before any LUT), decoding compressed data; a corrupt stream is refused.
+    The same array as `ds.pixel_array` (the decoder pydicom's property uses, with the same options)."""
+    try:
+        syntax = UID(ds.file_meta.TransferSyntaxUID)
+        array, meta = get_decoder(syntax).as_array(ds, validate=True, raw=False, **as_pixel_options(ds))
     except Exception as exc:  # decoders raise anything from ValueError to RuntimeError on corrupt streams
         name = UID(ds.file_meta.TransferSyntaxUID).name
         raise ImportRefused(f"pixel data cannot be decoded ({name}): {scrub_message(exc)}") from None
+    captured = _captured.get()
+    if captured is not None:
+        captured.append(Decoded(pixel_key(ds), array, dict(meta)))
+    return np.asarray(array)
 
 
 def scrub_message(exc: BaseException) -> str:

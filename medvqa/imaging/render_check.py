@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pydicom
 
 from medvqa.errors import ImportRefused, MedVQAError
-from medvqa.imaging.reader import scrub_message
+from medvqa.imaging.reader import Decoded, scrub_message
 from medvqa.imaging.series import read_series
 
 # The model's image is the slice resized (longest side to the model's size) and padded to a square: a side that
@@ -19,12 +20,13 @@ from medvqa.imaging.series import read_series
 MAX_ASPECT_RATIO = 384
 
 
-def check_renders(encoded: bytes) -> bool:
-    """Refuse (ImportRefused) what the viewer or the model could not show; return whether its frames are colour."""
+def check_renders(encoded: bytes, decoded: Sequence[Decoded] = ()) -> bool:
+    """Refuse (ImportRefused) what the viewer or the model could not show; return whether its frames are colour.
+    `decoded`: the pixels the import already decoded; reused when the stored pixel data is the same."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warnings can quote element values
         try:
-            volume = read_series([pydicom.dcmread(io.BytesIO(encoded))])
+            volume = read_series([pydicom.dcmread(io.BytesIO(encoded))], decoded)
             window = volume.default_window
             height, width = volume.pixels.shape[1:3]
             if max(height, width) > MAX_ASPECT_RATIO * min(height, width):

@@ -18,7 +18,7 @@ from pydicom.errors import InvalidDicomError
 
 from medvqa.errors import InvalidInput
 from medvqa.imaging.frames import Frame, finite_numbers, frame_item, lenient_number, lenient_value, read_frames
-from medvqa.imaging.reader import scrub_message
+from medvqa.imaging.reader import Decoded, scrub_message
 
 
 class SeriesError(InvalidInput, ValueError):
@@ -140,12 +140,13 @@ def read_series_files(paths: Sequence[Path]) -> Series:
     return read_series(datasets)
 
 
-def read_series(datasets: Sequence[pydicom.Dataset]) -> Series:
-    """Assemble the instances of ONE series into a volume ordered along the slice normal."""
+def read_series(datasets: Sequence[pydicom.Dataset], decoded: Sequence[Decoded] = ()) -> Series:
+    """Assemble the instances of ONE series into a volume ordered along the slice normal (`decoded`: pixels
+    already decoded from some of them, see `read_frames`)."""
     if not datasets:
         raise SeriesError("no DICOM instances given; a series needs at least one image")
     series_uid = _single_series_uid(datasets)
-    frames = [frame for index, dataset in enumerate(datasets) for frame in read_frames(dataset, index)]
+    frames = [frame for index, dataset in enumerate(datasets) for frame in read_frames(dataset, index, decoded)]
     _check_same_shape(frames)
     ordered, positions, known = _order_frames(frames)
     pixels = np.stack([frame.pixels for frame in ordered]).astype(np.float32, copy=False)
