@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 MAX_ZIP_RATIO = 200  # a member inflating more than this is treated as a zip bomb
 READ_CHUNK = 1 << 20
 HEAD_BYTES = 132
+SNIFF_BYTES = 8 << 10  # enough for the preamble and any real file meta (a DICOMDIR's is a few hundred bytes)
 ZIP_LOCAL_HEADER = b"PK\x03\x04"
 ZIP_EMPTY = b"PK\x05\x06"  # an archive with no members starts with its end record
 ZIP_SPANNED = b"PK\x07\x08"
@@ -245,29 +246,26 @@ def _read_head(path: Path) -> tuple[bytes, int]:
     except OSError as exc:
         raise ImportRefused(f"cannot be read: {_os_reason(exc)}") from None
     with os.fdopen(fd, "rb") as handle:
-        return handle.read(HEAD_BYTES), info.st_size
+        return handle.read(SNIFF_BYTES), info.st_size
 
 
 def read_file(path: Path, limit: int) -> bytes:
-    """At most limit + 1 bytes of a regular file (allocating no more than the file holds)."""
+    """At most limit + 1 bytes of a regular file, allocating no more than the file holds (one read, so no copy,
+    unless the file is larger than one read returns or grew since its size was taken)."""
     try:
         fd, info = _open_regular(path)
     except OSError as exc:
         raise ImportRefused(f"cannot be read: {_os_reason(exc)}") from None
     with os.fdopen(fd, "rb", buffering=0) as handle:
-        wanted = min(info.st_size, limit) + 1
-        parts, total = [], 0
-        while total < wanted:
-            part = handle.read(min(READ_CHUNK, wanted - total))
-            if not part:
-                break
-            parts.append(part)
-            total += len(part)
-        if total == wanted and total <= limit:  # the file grew while being read: keep going to the limit
+        data = handle.read(min(info.st_size, limit) + 1) or b""
+        if len(data) <= limit and (more := handle.read(min(READ_CHUNK, limit + 1 - len(data)))):
+            parts = [data, more]
+            total = len(data) + len(more)
             while total <= limit and (part := handle.read(min(READ_CHUNK, limit + 1 - total))):
                 parts.append(part)
                 total += len(part)
-    return b"".join(parts)
+            data = b"".join(parts)
+    return data
 
 
 def _file(path: Path, shown: str, limits: ImportLimits, archives: _Archives, explicit: bool = False) -> Iterator[Item]:
@@ -276,7 +274,7 @@ def _file(path: Path, shown: str, limits: ImportLimits, archives: _Archives, exp
         yield Listed(shown, "refused", "both a zip archive (offset 0) and a DICOM file (offset 128): ambiguous")
     elif is_zip(head):
         yield from _zip(path, shown, size, limits, archives)
-    elif is_dicom(head) and _is_dicomdir(path):
+    elif is_dicom(head) and _is_dicomdir(head):
         yield from _dicomdir(path, shown, limits) if explicit else _dicomdir_in_folder(path, shown, limits)
     else:
         yield Source(shown, size, partial(read_file, path))
@@ -433,17 +431,16 @@ def _read_member(archives: _Archives, path: Path, info: zipfile.ZipInfo, limit: 
 # --- DICOMDIR ---------------------------------------------------------------------------------------------------------
 
 
-def _is_dicomdir(path: Path) -> bool:
-    """Whether the file meta names the Media Storage Directory SOP class (read from at most the first MiB)."""
+def _is_dicomdir(head: bytes) -> bool:
+    """Whether the file meta (in the first bytes of the file) names the Media Storage Directory SOP class."""
     from pydicom.filereader import _read_file_meta_info
 
     try:
-        head = _read_at(path, 0, 1 << 20)
         buffer = io.BytesIO(head)
         buffer.seek(HEAD_BYTES)
         meta = _read_file_meta_info(buffer)
         return str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY
-    except Exception:  # unreadable meta: the reader refuses the file with its reason
+    except Exception:  # unreadable (or absurdly long) meta: the reader refuses the file with its reason
         return False
 
 
