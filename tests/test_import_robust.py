@@ -400,3 +400,21 @@ def test_encrypted_member_among_valid_members_refuses_only_itself(db, settings, 
         ("ok.dcm", "imported"),
         ("locked.dcm", "refused"),
     ]
+
+
+def test_the_odd_size_in_a_series_is_refused_whichever_comes_first(db, settings, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a-small.dcm").write_bytes(hostile.valid_dicom(9, rows=8, columns=8))  # listed first
+    for index in range(3):
+        (folder / f"s{index}.dcm").write_bytes(hostile.valid_dicom(index))
+    report = import_paths(db, factories.OPERATOR, [folder], settings)
+    assert [o.status for o in report.outcomes] == ["refused", "imported", "imported", "imported"]
+    assert "grey 8 x 8 image differs from the rest of its series (grey 16 x 16 image)" in report.outcomes[0].reason
+    later = tmp_path / "later"
+    later.mkdir()
+    for index in (20, 21):  # a later import of the odd size alone: the stored series decides
+        (later / f"small{index}.dcm").write_bytes(hostile.valid_dicom(index, rows=8, columns=8))
+    again = import_paths(db, factories.OPERATOR, [later], settings)
+    assert [o.status for o in again.outcomes] == ["refused", "refused"]
+    assert_store_matches_database(db, settings)

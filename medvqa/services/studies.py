@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,30 +191,31 @@ def _write_study(
     wanted = {r.sop_instance_uid for r in records}
     existing = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(wanted))))
     series_rows: dict[str, Series | None] = {}
-    shapes: dict[str, tuple[int, int, bool]] = {}
+    expected: dict[str, tuple[int, int, bool] | None] = {}
     decisions: list[Decision] = []
     accepted: list[InstanceRecord] = []
+    accepted_uids: set[str] = set()
+    majority = _majority_shapes(records)
     for record in records:
-        if record.sop_instance_uid in existing or record.sop_instance_uid in {r.sop_instance_uid for r in accepted}:
+        if record.sop_instance_uid in existing or record.sop_instance_uid in accepted_uids:
             decisions.append(("duplicate", ""))  # a second copy within this import is a duplicate
             continue
         if record.series_uid not in series_rows:
-            series_rows[record.series_uid] = session.scalars(
-                select(Series).where(Series.series_uid == record.series_uid)
-            ).one_or_none()
+            series = session.scalars(select(Series).where(Series.series_uid == record.series_uid)).one_or_none()
+            series_rows[record.series_uid] = series
+            stored = _stored_shape(session, store, series) if series is not None else None
+            expected[record.series_uid] = stored or majority[record.series_uid]
         series = series_rows[record.series_uid]
         if series is not None and (study is None or series.study_id != study.id):
             decisions.append(("refused", "its series belongs to another study"))
             continue
-        shape = (record.rows, record.columns, record.colour)
-        expected = shapes.get(record.series_uid) or (_stored_shape(session, store, series) if series else None)
-        if expected is not None and expected != shape:
-            decisions.append(
-                ("refused", f"{_shape_text(shape)} differs from the rest of its series ({_shape_text(expected)})")
-            )
+        shape, wanted_shape = _shape(record), expected[record.series_uid]
+        if wanted_shape is not None and shape != wanted_shape:
+            differs = f"{_shape_text(shape)} differs from the rest of its series ({_shape_text(wanted_shape)})"
+            decisions.append(("refused", differs))
             continue
-        shapes[record.series_uid] = shape
         accepted.append(record)
+        accepted_uids.add(record.sop_instance_uid)
         decisions.append(("imported", ""))
     if study is None and not accepted:
         return None, decisions
@@ -244,6 +245,19 @@ def _write_study(
     }
     audit.record(session, actor, Action.STUDY_IMPORT, "study", study.id, details=details)
     return study.id, decisions
+
+
+def _shape(record: InstanceRecord) -> tuple[int, int, bool]:
+    return (record.rows, record.columns, record.colour)
+
+
+def _majority_shapes(records: list[InstanceRecord]) -> dict[str, tuple[int, int, bool] | None]:
+    """Per series, the shape most of this import's instances have (the first seen among equals): one odd file
+    is refused, not the rest of its series because the odd one happened to come first."""
+    counts: dict[str, Counter[tuple[int, int, bool]]] = defaultdict(Counter)
+    for record in records:
+        counts[record.series_uid][_shape(record)] += 1
+    return {uid: shapes.most_common(1)[0][0] for uid, shapes in counts.items()}
 
 
 def _shape_text(shape: tuple[int, int, bool]) -> str:
