@@ -125,7 +125,17 @@ def import_command(paths: tuple[Path, ...], as_json: bool) -> None:
     from medvqa.services.studies import import_paths
 
     database = _open_database()
-    report = import_paths(database, _operator(), list(paths), load_settings())
+    try:
+        report = import_paths(database, _operator(), list(paths), load_settings())
+    except MedVQAError:
+        raise
+    except Exception as exc:  # a defect outside any one input: one line, never a traceback
+        from medvqa.services.studies import describe_unexpected
+
+        raise MedVQAError(
+            f"the import stopped on {describe_unexpected(exc)}; files it stored without rows are removed by "
+            "`medvqa store check --prune`"
+        ) from None
     summary = report.as_dict()
     lines = [outcome.line() for outcome in report.outcomes]
     lines.append(

@@ -418,3 +418,29 @@ def test_the_odd_size_in_a_series_is_refused_whichever_comes_first(db, settings,
     again = import_paths(db, factories.OPERATOR, [later], settings)
     assert [o.status for o in again.outcomes] == ["refused", "refused"]
     assert_store_matches_database(db, settings)
+
+
+def test_a_defect_outside_any_one_input_stops_the_import_in_one_line(db, cli_env, tmp_path, monkeypatch):
+    """Fault injection in the orchestration itself (not in an input): one line on stderr, exit 1, no traceback."""
+    from medvqa.services import studies
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Phisurname^Phigiven")
+
+    monkeypatch.setattr(studies, "open_sources", broken)
+    (tmp_path / "a.dcm").write_bytes(hostile.valid_dicom(0))
+    result = CliRunner().invoke(main, ["import", str(tmp_path / "a.dcm")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith("medvqa: error: the import stopped on unexpected error (RuntimeError at ")
+    assert result.stderr.count("\n") == 1 and "Phisurname" not in result.stderr
+
+
+def test_a_dicomdir_cut_short_is_refused_not_taken_for_a_shorter_one(db, settings, tmp_path):
+    """Cut anywhere, a DICOMDIR is refused: pydicom would read the records before the cut and drop the rest."""
+    whole = hostile.dicomdir([[f"F{index}.DCM"] for index in range(5)])
+    for cut in (len(whole) // 3, len(whole) // 2, len(whole) * 4 // 5, len(whole) - 1):
+        (tmp_path / "DICOMDIR").write_bytes(whole[:cut])
+        report = import_paths(db, factories.OPERATOR, [tmp_path / "DICOMDIR"], settings)
+        [outcome] = report.outcomes
+        assert outcome.status == "refused", (cut, outcome.reason)
+        assert "DICOMDIR" in outcome.reason or "declares" in outcome.reason, (cut, outcome.reason)

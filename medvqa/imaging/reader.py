@@ -84,7 +84,7 @@ def read_dicom(data: bytes, limits: ImportLimits) -> Dataset:
     ds = _parse(data)
     if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
         raise ImportSkipped("DICOMDIR index: the files it lists are imported instead")
-    _check_declared_lengths(ds)
+    check_declared_lengths(ds)
     if any(tag.group == 0 for tag in list(ds.keys())):  # iterating a Dataset gives elements, not tags
         raise ImportRefused("command-set elements (0000,xxxx) do not belong in a stored instance")
     _check_identity(ds)
@@ -174,7 +174,7 @@ def _parse(data: bytes) -> Dataset:
         raise ImportRefused(f"unreadable DICOM data: {scrub_message(exc)}") from None
 
 
-def _check_declared_lengths(ds: Dataset) -> None:
+def check_declared_lengths(ds: Dataset) -> None:
     """pydicom reads a value short without complaint when the file ends early; a declared length of
     gigabytes in a small file is a corrupt (or hostile) file, refused here."""
     for tag in list(ds.keys()):  # tags: iterating the Dataset itself would decode every element

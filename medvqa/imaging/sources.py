@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from medvqa.errors import ImportRefused
-from medvqa.imaging.reader import ImportLimits, one_line, scrub_message
+from medvqa.imaging.reader import ImportLimits, check_declared_lengths, one_line, scrub_message
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -489,8 +489,17 @@ def _dicomdir_file_ids(path: Path, limits: ImportLimits) -> list[list[str]]:
     if len(data) > limits.max_file_bytes:
         raise ImportRefused(f"more than {limits.max_file_bytes} bytes (MEDVQA_IMPORT_MAX_FILE_BYTES)")
     try:
-        records = list(dcmread(io.BytesIO(data)).get("DirectoryRecordSequence") or [])
+        index = dcmread(io.BytesIO(data))
+        if "DirectoryRecordSequence" not in index:
+            raise ImportRefused("the DICOMDIR holds no directory records (cut short, or not a DICOMDIR)")
+        check_declared_lengths(index)  # a DICOMDIR cut short would otherwise list only its first records
+        last = index.get("OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity")
+        if isinstance(last, int) and last >= len(data):
+            raise ImportRefused("the DICOMDIR is cut short: its last directory record lies past its end")
+        records = list(index.DirectoryRecordSequence or [])
         file_ids = [_file_id(record) for record in records]
+    except ImportRefused:
+        raise
     except RecursionError:
         raise ImportRefused("unreadable DICOMDIR: nested too deeply") from None
     except Exception as exc:

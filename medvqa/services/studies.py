@@ -140,10 +140,16 @@ def _prepare(
 def _unexpected(exc: BaseException) -> str:
     """A refusal line for an error nobody foresaw: its type and where it was raised (no message, which may quote
     a value of the file); the log gets the same, so it can be found and fixed."""
+    described = describe_unexpected(exc)
+    log.warning("import: %s; the input was refused", described)
+    return f"{described}; nothing of it was kept"
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """'unexpected error (KeyError at frames.py:123)': the type and the innermost place, never the message."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-    log.warning("import: unexpected %s%s; the input was refused", type(exc).__name__, where)
-    return f"unexpected error ({type(exc).__name__}{where}); nothing of it was kept"
+    return f"unexpected error ({type(exc).__name__}{where})"
 
 
 def _save_study(
