@@ -141,6 +141,12 @@ def dicom_with_zip_tail(index: int = 45) -> bytes:
     return encode(ds)
 
 
+def dicom_with_appended_zip_end(index: int = 48) -> bytes:
+    """A DICOM file with a zip end-of-central-directory record appended after its data set: zipfile.is_zipfile
+    says zip; its content is a DICOM file followed by junk, refused as such (never opened as a zip)."""
+    return valid_dicom(index) + b"PK\x05\x06" + b"\x00" * 18
+
+
 def polyglot(index: int = 46) -> bytes:
     """A DICOM file whose preamble starts with a zip local file header."""
     data = bytearray(valid_dicom(index))
@@ -365,6 +371,7 @@ def write_mixed_folder(folder: Path, outside: Path) -> list[Expected]:
     put("render/frames.dcm", frame_count_beyond_data(), "refused", "")
     put("render/rle-frames.dcm", encapsulated_frame_count_mismatch(), "refused", "")
     put("odd/polyglot.dcm", polyglot(), "refused", "ambiguous")
+    put("tail/appended-zip-end.dcm", dicom_with_appended_zip_end(), "refused", "")
     put("odd/truncated.dcm", truncated_dicom(), "refused", "truncated")
     put("odd/notes.txt", b"Patient Phisurname said hello\n", "refused", "not a DICOM file")
     put("odd/empty.dcm", b"", "refused", "empty")
