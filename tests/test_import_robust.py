@@ -444,3 +444,46 @@ def test_a_dicomdir_cut_short_is_refused_not_taken_for_a_shorter_one(db, setting
         [outcome] = report.outcomes
         assert outcome.status == "refused", (cut, outcome.reason)
         assert "DICOMDIR" in outcome.reason or "declares" in outcome.reason, (cut, outcome.reason)
+
+
+COMPONENTS = st.sampled_from(["..", ".", "", "IMAGES", "IM1", "secret.dcm", "LINK", "/", "\\", "C:", "a/b", "..\\x"])
+
+
+@hypothesis.settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@hypothesis.given(file_ids=st.lists(st.lists(COMPONENTS, min_size=1, max_size=4), min_size=1, max_size=5))
+def test_no_dicomdir_entry_reads_outside_its_folder(db, settings, tmp_path_factory, file_ids):
+    root = tmp_path_factory.mktemp("disc")
+    disc = root / "disc"
+    (disc / "IMAGES").mkdir(parents=True)
+    (disc / "IMAGES" / "IM1").write_bytes(hostile.valid_dicom(0))
+    (root / "secret.dcm").write_bytes(hostile.valid_dicom(1, study="66"))
+    (disc / "secret.dcm").symlink_to(root / "secret.dcm")
+    (disc / "IMAGES" / "LINK").symlink_to(root / "secret.dcm")
+    (disc / "DICOMDIR").write_bytes(hostile.dicomdir(file_ids))
+    report = import_paths(db, factories.OPERATOR, [disc / "DICOMDIR"], settings)
+    assert len(report.outcomes) == len(file_ids)
+    for outcome, parts in zip(report.outcomes, file_ids, strict=True):
+        assert "\n" not in outcome.line()
+        if outcome.status in ("imported", "duplicate"):
+            assert [p for p in parts if p] and all(p not in ("..", ".", "") for p in parts), parts
+    with db.read_session() as session:
+        assert session.scalar(select(Instance.id).where(Instance.instance_number == 2)) is None  # never read
+    assert_store_matches_database(db, settings)
+
+
+@hypothesis.settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@hypothesis.given(
+    name=st.text(st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)), min_size=1, max_size=40)
+)
+def test_any_file_name_gives_exactly_one_line(db, settings, tmp_path_factory, name):
+    hypothesis.assume(name not in (".", "..") and len(name.encode()) < 200)
+    folder = tmp_path_factory.mktemp("names")
+    (folder / name).write_bytes(hostile.valid_dicom(0))
+    report = import_paths(db, factories.OPERATOR, [folder], settings)
+    [outcome] = report.outcomes
+    assert outcome.status in ("imported", "duplicate") and "\n" not in outcome.line() and "\r" not in outcome.line()
+    assert outcome.line().isprintable()

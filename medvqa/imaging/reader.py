@@ -9,7 +9,6 @@ import io
 import logging
 import re
 import struct
-import unicodedata
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -303,10 +302,10 @@ def scrub_message(exc: BaseException) -> str:
 
 def one_line(text: str) -> str:
     """`text` safe to print on one line: control, format and separator characters (newlines, terminal escapes,
-    bidirectional overrides) and undecodable bytes of a file name are written as escapes."""
+    bidirectional overrides, spaces other than ' ') and undecodable bytes of a file name are written as escapes."""
     out = []
     for char in text:
-        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp", "Co", "Cn"):
+        if not char.isprintable() and char != " ":  # controls, format, separators other than space, unassigned
             code = ord(char)
             out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
         else:

@@ -512,17 +512,19 @@ def _dicomdir_file_ids(path: Path, limits: ImportLimits) -> list[list[str]]:
 
 def _file_id(record: Dataset) -> list[str] | None:
     """The components of a record's ReferencedFileID, or None when the record names no file."""
+    if "ReferencedFileID" not in record:
+        return None
     value = record.get("ReferencedFileID")
     if value is None or value == "":
-        return None
+        return []  # present but empty: an entry naming no file, refused with its own line
     values = [value] if isinstance(value, str | bytes) else list(value)
     return [item.decode("latin-1") if isinstance(item, bytes) else str(item) for item in values]
 
 
 def _dicomdir_entry(folder: Path, parts: list[str], shown: str) -> Item:
-    if not parts or any(
-        part in ("", ".", "..") or "/" in part or "\\" in part or "\x00" in part or ":" in part for part in parts
-    ):
+    if not parts:
+        return Listed(shown, "refused", "DICOMDIR entry with an empty file ID: names no file")
+    if any(part in ("", ".", "..") or "/" in part or "\\" in part or "\x00" in part or ":" in part for part in parts):
         return Listed(shown, "refused", "DICOMDIR entry leads outside its folder: not read")
     candidate = _case_insensitive(folder, parts)
     real = Path(os.path.realpath(candidate))
