@@ -143,6 +143,8 @@ def import_command(paths: tuple[Path, ...], as_json: bool) -> None:
         f"{summary['duplicate']} already stored, {summary['skipped']} skipped, {summary['refused']} refused, "
         f"{summary['held']} held until a reviewer confirms there is no burned-in text"
     )
+    if report.swept:
+        lines.append(f"removed {report.swept} unreferenced file(s) an interrupted import had left in the store")
     if report.left_in_store:
         lines.append(
             f"{report.left_in_store} file(s) of refused instances stay in the store while another import runs: "

@@ -231,11 +231,8 @@ def test_an_unforeseen_error_in_one_input_is_that_inputs_refusal(db, settings, t
     assert_store_matches_database(db, settings)
 
 
-def test_a_killed_import_leaves_only_files_that_store_check_prunes(db, cli_env, tmp_path):
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for index in range(400):
-        (folder / f"s{index:03d}.dcm").write_bytes(hostile.valid_dicom(index))
+def _kill_an_import_midway(cli_env: dict[str, str], folder: Path) -> Path:
+    """Start `medvqa import folder` and SIGKILL it once it has stored some files (before its rows commit)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "medvqa.cli", "import", str(folder)],
         env=cli_env,
@@ -248,15 +245,28 @@ def test_a_killed_import_leaves_only_files_that_store_check_prunes(db, cli_env, 
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    settings = load_settings()
     (store / "ab").mkdir(exist_ok=True)
     (store / "ab" / ".incoming-killed").write_bytes(b"half a file")  # what a writer killed mid-write leaves
+    return store
+
+
+def _many_slices(folder: Path, count: int = 400) -> Path:
+    folder.mkdir()
+    for index in range(count):
+        (folder / f"s{index:03d}.dcm").write_bytes(hostile.valid_dicom(index))
+    return folder
+
+
+def test_a_killed_import_leaves_only_files_that_store_check_prunes(db, cli_env, tmp_path):
+    folder = _many_slices(tmp_path / "many")
+    _kill_an_import_midway(cli_env, folder)
+    settings = load_settings()
     check = run_cli(cli_env, "store", "check", "--json")
     found = json.loads(check.stdout)
-    assert check.returncode == 1 and found["unreferenced"] >= 1 and found["leftovers"] == 1
+    assert check.returncode == 1 and found["unreferenced"] >= 1 and found["leftovers"] == 2  # temp file, marker
     pruned = run_cli(cli_env, "store", "check", "--prune")
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
-    assert f"removed {found['unreferenced'] + 1} file(s)" in pruned.stdout
+    assert f"removed {found['unreferenced'] + 2} file(s)" in pruned.stdout
     assert_store_matches_database(db, settings)
     with db.read_session() as session:
         event = session.scalars(select(AuditEvent).where(AuditEvent.action == "system:store:check")).one()
@@ -264,6 +274,19 @@ def test_a_killed_import_leaves_only_files_that_store_check_prunes(db, cli_env, 
     again = run_cli(cli_env, "import", str(folder))  # and the interrupted import can simply be run again
     assert again.returncode == 0 and again.stdout.count("\n") == 401
     assert_store_matches_database(db, settings)
+
+
+def test_the_next_import_sweeps_what_a_killed_import_left(db, cli_env, tmp_path):
+    store = _kill_an_import_midway(cli_env, _many_slices(tmp_path / "many"))
+    orphans = len(list(store.rglob("*.dcm")))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.dcm").write_bytes(hostile.valid_dicom(7, study="88"))
+    result = run_cli(cli_env, "import", str(other))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"removed {orphans} unreferenced file(s) an interrupted import had left in the store" in result.stdout
+    assert [p.name for p in store.iterdir() if p.name.startswith(".")] == [".lock"]
+    assert_store_matches_database(db, load_settings())
 
 
 def test_store_check_reports_missing_files_and_refuses_other_roles(db, settings, tmp_path):

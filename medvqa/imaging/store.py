@@ -6,7 +6,9 @@ a failed or killed import can leave files that no row references. Three things k
   not end up referencing;
 - every import holds the store lock shared; whoever removes files holds it exclusively, so a file another running
   import has just stored (and is about to reference) is never removed under it;
-- `medvqa store check --prune` finds and removes what a killed process left (unreferenced files, temporary files).
+- an import leaves a marker in the store while it runs; the next import that finds a marker no running import
+  owns (it can take the lock exclusively) sweeps the store: unreferenced files, temporary files, stale markers;
+- `medvqa store check --prune` finds and removes the same on demand.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import fcntl
 import hashlib
 import os
 import re
+import secrets
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from medvqa.errors import MedVQAError
 
 LOCK_NAME = ".lock"
 TEMPORARY_PREFIX = ".incoming-"
+MARKER_PREFIX = ".import-"  # one per running import; left behind only by an import that was killed
 CONTENT_NAME = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64}\.dcm$")
 
 
@@ -85,6 +89,21 @@ class ContentStore:
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
+    @contextlib.contextmanager
+    def import_marker(self) -> Iterator[None]:
+        """A marker file for the duration of an import (call with the lock held shared; it is removed before the
+        lock is released, so a marker found under the exclusive lock belongs to an import that was killed)."""
+        path = self.root / f"{MARKER_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+    def has_markers(self) -> bool:
+        return self.root.is_dir() and any(self.root.glob(f"{MARKER_PREFIX}*"))
+
     def remove_unreferenced(self, candidates: set[str], referenced: set[str]) -> list[str]:
         """Remove the candidate files no row references; call with the lock held exclusively."""
         removed = []
@@ -120,7 +139,7 @@ class ContentStore:
                 relative = (base / name).as_posix()
                 if relative == LOCK_NAME:
                     continue
-                if name.startswith(TEMPORARY_PREFIX):
+                if name.startswith(TEMPORARY_PREFIX) or (relative.startswith(MARKER_PREFIX) and "/" not in relative):
                     leftovers.add(relative)
                 elif CONTENT_NAME.match(relative) and not (Path(folder) / name).is_symlink():
                     content.add(relative)
@@ -144,13 +163,20 @@ class StoreLock:
         self._fd = fd
 
     def try_exclusive(self) -> bool:
+        """Exclusive now, or False (still shared: Linux drops the shared lock while converting, so a failed
+        conversion takes it again, waiting for any exclusive holder)."""
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                fcntl.flock(self._fd, fcntl.LOCK_SH)
                 return False
             raise
         return True
+
+    def share(self) -> None:
+        """Back from exclusive to shared."""
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
 
 
 def _flock(fd: int, operation: int, wait_s: float | None) -> None:

@@ -29,7 +29,7 @@ class StoreReport:
     files: int = 0  # content files in the store
     referenced: int = 0  # distinct storage paths the database references
     unreferenced: list[str] = field(default_factory=list)  # content files no row references
-    leftovers: list[str] = field(default_factory=list)  # temporary files of a killed writer
+    leftovers: list[str] = field(default_factory=list)  # temporary files and markers of a killed import
     foreign: list[str] = field(default_factory=list)  # anything else (not ours: reported, never removed)
     missing: list[tuple[int, str]] = field(default_factory=list)  # (instance id, path) whose file is gone
     removed: int = 0
@@ -59,7 +59,7 @@ def check_store(db: Database, actor: Actor, settings: Settings, prune: bool = Fa
     store = ContentStore(settings.store_dir)
     report = StoreReport()
     with store.lock(exclusive=True, wait_s=LOCK_WAIT_S):
-        content, leftovers, foreign = store.scan()
+        content, leftovers, foreign = store.scan()  # under the exclusive lock every import marker is a stale one
         with db.read_session() as session:
             rows = session.execute(select(Instance.id, Instance.storage_path)).all()
         referenced = {path for _, path in rows}

@@ -60,6 +60,7 @@ class FileOutcome:
 class ImportReport:
     outcomes: list[FileOutcome] = field(default_factory=list)
     left_in_store: int = 0  # unreferenced files this import wrote but could not remove (another import was running)
+    swept: int = 0  # unreferenced files an earlier, interrupted import had left, removed before this one began
 
     def count(self, status: Status) -> int:
         return sum(1 for outcome in self.outcomes if outcome.status == status)
@@ -75,6 +76,7 @@ class ImportReport:
             "held": sum(o.held for o in self.outcomes),
             "studies": self.study_ids,
             "left_in_store": self.left_in_store,
+            "swept_after_interrupted_import": self.swept,
             "files": [{**vars(o), "line": o.line()} for o in self.outcomes],
         }
 
@@ -97,18 +99,57 @@ def import_paths(db: Database, actor: Actor, paths: Sequence[Path], settings: Se
     limits = import_limits(settings)
     deid, store = build_deidentifier(settings), ContentStore(settings.store_dir)
     report = ImportReport()
-    prepared: dict[str, list[Prepared]] = defaultdict(list)
-    with store.lock() as lock, open_sources(paths, limits) as items:
-        for item in items:
-            outcome, record = _prepare(item, deid, store, limits)
-            report.outcomes.append(outcome)
-            if record is not None:
-                prepared[record.study_uid].append((outcome, record))
-        store.sync()  # the files must be on disk before any row points at them
-        for study_items in prepared.values():
-            _save_study(db, actor, store, study_items)
-        report.left_in_store = _remove_unreferenced(db, store, lock)
+    with store.lock() as lock:
+        report.swept = _sweep_after_interrupted_import(db, store, lock)
+        with store.import_marker(), open_sources(paths, limits) as items:
+            _import_items(db, actor, items, deid, store, limits, report)
+            report.left_in_store = _remove_unreferenced(db, store, lock)
     return report
+
+
+def _import_items(
+    db: Database,
+    actor: Actor,
+    items: list[Source | Listed],
+    deid: Deidentifier,
+    store: ContentStore,
+    limits: ImportLimits,
+    report: ImportReport,
+) -> None:
+    prepared: dict[str, list[Prepared]] = defaultdict(list)
+    for item in items:
+        outcome, record = _prepare(item, deid, store, limits)
+        report.outcomes.append(outcome)
+        if record is not None:
+            prepared[record.study_uid].append((outcome, record))
+    store.sync()  # the files must be on disk before any row points at them
+    for study_items in prepared.values():
+        _save_study(db, actor, store, study_items)
+
+
+def _sweep_after_interrupted_import(db: Database, store: ContentStore, lock: StoreLock) -> int:
+    """An import killed mid-way left its marker, and perhaps files no row references: when no other import is
+    running (the lock can be taken exclusively), remove them before this import begins. Returns how many."""
+    if not store.has_markers() or not lock.try_exclusive():
+        return 0
+    try:
+        content, leftovers, _ = store.scan()
+        removed = store.remove_unreferenced(content, all_referenced_paths(db))
+        for relative in leftovers:
+            store.remove_leftover(relative)
+        if removed:
+            log.info("import: removed %d unreferenced store file(s) left by an interrupted import", len(removed))
+        return len(removed)
+    except Exception as exc:  # the sweep is housekeeping: the import goes on, `store check --prune` remains
+        log.warning("import: could not sweep after an interrupted import (%s)", type(exc).__name__)
+        return 0
+    finally:
+        lock.share()
+
+
+def all_referenced_paths(db: Database) -> set[str]:
+    with db.read_session() as session:
+        return set(session.scalars(select(Instance.storage_path)))
 
 
 def _prepare(
