@@ -148,7 +148,7 @@ def import_command(paths: tuple[Path, ...], as_json: bool) -> None:
     if report.left_in_store:
         lines.append(
             f"{report.left_in_store} file(s) of refused instances stay in the store while another import runs: "
-            "`medvqa store check --prune` removes them"
+            "the next import removes them (or `medvqa store check --prune`)"
         )
     _emit(as_json, summary, "\n".join(lines))
     if summary["refused"]:

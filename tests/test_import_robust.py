@@ -510,3 +510,22 @@ def test_any_file_name_gives_exactly_one_line(db, settings, tmp_path_factory, na
     [outcome] = report.outcomes
     assert outcome.status in ("imported", "duplicate") and "\n" not in outcome.line() and "\r" not in outcome.line()
     assert outcome.line().isprintable()
+
+
+def test_files_left_while_another_import_runs_are_swept_by_the_next_import(db, settings, tmp_path):
+    """Another import holds the store (here: a shared lock taken by the test): the refused instance's file cannot
+    be removed at once (the other import might be about to reference it), is counted, and the next import that
+    runs alone removes it."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(2):
+        (folder / f"s{index}.dcm").write_bytes(hostile.valid_dicom(index))
+    (folder / "small.dcm").write_bytes(hostile.valid_dicom(5, rows=8, columns=8))  # refused after it was stored
+    with ContentStore(settings.store_dir).lock():
+        report = import_paths(db, factories.OPERATOR, [folder], settings)
+    assert report.left_in_store == 1 and [o.status for o in report.outcomes] == ["imported", "imported", "refused"]
+    assert check_store(db, factories.OPERATOR, settings).unreferenced  # the one file, for now
+    (tmp_path / "next.dcm").write_bytes(hostile.valid_dicom(9, study="99"))
+    after = import_paths(db, factories.OPERATOR, [tmp_path / "next.dcm"], settings)
+    assert after.swept == 1 and after.left_in_store == 0
+    assert_store_matches_database(db, settings)

@@ -90,16 +90,18 @@ class ContentStore:
             os.close(fd)  # closing the descriptor releases the lock
 
     @contextlib.contextmanager
-    def import_marker(self) -> Iterator[None]:
+    def import_marker(self) -> Iterator[ImportMarker]:
         """A marker file for the duration of an import (call with the lock held shared; it is removed before the
-        lock is released, so a marker found under the exclusive lock belongs to an import that was killed)."""
-        path = self.root / f"{MARKER_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        lock is released, so a marker found under the exclusive lock belongs to an import that was killed, or
+        to one that had to leave unreferenced files behind and kept it so that the next import sweeps)."""
+        marker = ImportMarker(self.root / f"{MARKER_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        fd = os.open(marker.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         os.close(fd)
         try:
-            yield
+            yield marker
         finally:
-            path.unlink(missing_ok=True)
+            if not marker.keep:
+                marker.path.unlink(missing_ok=True)
 
     def has_markers(self) -> bool:
         return self.root.is_dir() and any(self.root.glob(f"{MARKER_PREFIX}*"))
@@ -154,6 +156,12 @@ class ContentStore:
             except OSError:
                 return
             folder = folder.parent
+
+
+class ImportMarker:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keep = False  # set when unreferenced files stay behind: the next import sweeps them
 
 
 class StoreLock:

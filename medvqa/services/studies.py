@@ -101,9 +101,10 @@ def import_paths(db: Database, actor: Actor, paths: Sequence[Path], settings: Se
     report = ImportReport()
     with store.lock() as lock:
         report.swept = _sweep_after_interrupted_import(db, store, lock)
-        with store.import_marker(), open_sources(paths, limits) as items:
+        with store.import_marker() as marker, open_sources(paths, limits) as items:
             _import_items(db, actor, items, deid, store, limits, report)
             report.left_in_store = _remove_unreferenced(db, store, lock)
+            marker.keep = report.left_in_store > 0  # the next import that runs alone sweeps them
     return report
 
 
