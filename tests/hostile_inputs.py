@@ -134,8 +134,8 @@ def encapsulated_frame_count_mismatch(index: int = 44) -> bytes:
 
 
 def dicom_with_zip_tail(index: int = 45) -> bytes:
-    """A valid DICOM file whose last bytes are a zip end-of-central-directory record (in its trailing padding):
-    zipfile.is_zipfile says it is a zip; its content says DICOM."""
+    """A DICOM file whose last bytes are a zip end-of-central-directory record, inside a well-formed trailing
+    padding element: zipfile.is_zipfile says zip, its content says DICOM; a polyglot, refused as one."""
     ds = make_phi_slice(index)
     ds.DataSetTrailingPadding = b"\x00" * 10 + b"PK\x05\x06" + b"\x00" * 18
     return encode(ds)
@@ -143,7 +143,8 @@ def dicom_with_zip_tail(index: int = 45) -> bytes:
 
 def dicom_with_appended_zip_end(index: int = 48) -> bytes:
     """A DICOM file with a zip end-of-central-directory record appended after its data set: zipfile.is_zipfile
-    says zip; its content is a DICOM file followed by junk, refused as such (never opened as a zip)."""
+    says zip (an empty one: the old import dropped the file without a line); its content is a DICOM file with a
+    zip appended, refused as such (never opened as a zip)."""
     return valid_dicom(index) + b"PK\x05\x06" + b"\x00" * 18
 
 
@@ -325,7 +326,6 @@ def write_mixed_folder(folder: Path, outside: Path) -> list[Expected]:
     for index in range(3):
         put(f"ct/slice{index}.dcm", valid_dicom(index), "imported")
     put("png/teaching.png", valid_png(), "imported")
-    put("tail/zip-tail.dcm", dicom_with_zip_tail(), "imported")
     put("junk/junk-numbers.dcm", junk_numbers(), "imported")
     put("names/new\nline.dcm", valid_dicom(5), "imported", shown="names/new\\x0aline.dcm")
     put("zips/good.zip", zip_bytes({"a/slice.dcm": valid_dicom(6)}), "imported", shown="zips/good.zip!a/slice.dcm")
@@ -371,7 +371,8 @@ def write_mixed_folder(folder: Path, outside: Path) -> list[Expected]:
     put("render/frames.dcm", frame_count_beyond_data(), "refused", "")
     put("render/rle-frames.dcm", encapsulated_frame_count_mismatch(), "refused", "")
     put("odd/polyglot.dcm", polyglot(), "refused", "ambiguous")
-    put("tail/appended-zip-end.dcm", dicom_with_appended_zip_end(), "refused", "")
+    put("tail/appended-zip-end.dcm", dicom_with_appended_zip_end(), "refused", "zip end record follows the pixel")
+    put("tail/zip-tail.dcm", dicom_with_zip_tail(), "refused", "zip end record follows the pixel")
     put("odd/truncated.dcm", truncated_dicom(), "refused", "truncated")
     put("odd/notes.txt", b"Patient Phisurname said hello\n", "refused", "not a DICOM file")
     put("odd/empty.dcm", b"", "refused", "empty")

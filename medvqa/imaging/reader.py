@@ -45,6 +45,7 @@ INFLATE_INPUT_CHUNK = 64 << 10
 INFLATE_OUTPUT_CHUNK = 1 << 20
 IDENTITY_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07")
 PIXEL_MODULE = (
     "Rows",
     "Columns",
@@ -84,11 +85,32 @@ def read_dicom(data: bytes, limits: ImportLimits) -> Dataset:
     if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
         raise ImportSkipped("DICOMDIR index: the files it lists are imported instead")
     check_declared_lengths(ds)
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:  # offsets of a deflated file are in the inflated stream
+        _check_no_zip_appended(data, ds)
     if any(tag.group == 0 for tag in list(ds.keys())):  # iterating a Dataset gives elements, not tags
         raise ImportRefused("command-set elements (0000,xxxx) do not belong in a stored instance")
     _check_identity(ds)
     _check_pixel_data(ds, transfer_syntax, limits)
     return ds
+
+
+def _check_no_zip_appended(data: bytes, ds: Dataset) -> None:
+    """A DICOM file with a zip archive, or a zip end record, after its pixel data is a polyglot (zip tools open
+    it as an archive): refused, saying so. Other bytes after the pixel data are left to the other checks."""
+    for keyword in PIXEL_KEYWORDS:
+        raw = ds.get_item(keyword)
+        if raw is None:
+            continue
+        value, start = getattr(raw, "value", None), getattr(raw, "value_tell", None)
+        if not isinstance(value, bytes) or not isinstance(start, int):
+            return
+        undefined = getattr(raw, "length", 0) == UNDEFINED_LENGTH
+        end = start + len(value) + (8 if undefined else 0)  # an undefined length ends with a delimiter item
+        if any(data.find(signature, end) >= 0 for signature in ZIP_SIGNATURES):
+            raise ImportRefused(
+                f"a zip archive or zip end record follows the pixel data ({len(data) - end} bytes appended)"
+            )
+        return
 
 
 def _transfer_syntax(data: bytes) -> UID:
