@@ -1,6 +1,6 @@
 """Import benchmark: a synthetic 300-slice 512x512 CT series, uncompressed and JPEG 2000 (lossless), through
-the whole `medvqa import` path (read, check, decode, de-identify, store, database + audit), side by side with
-the floor: a bare loop of pydicom dcmread + pixel_array over the same files, in the same process.
+the whole `medvqa import` path (read, check, decode, de-identify, render check, store, database + audit), side
+by side with the floor: a bare loop of pydicom dcmread + pixel_array over the same files, in the same process.
 
     .venv/bin/python bench/import_bench.py [--slices 300] [--size 512]
 """
@@ -104,7 +104,8 @@ def step_breakdown(folder: Path) -> dict[str, float]:
 
     from compliance.deid import Deidentifier, DeidSettings
     from medvqa.imaging.importer import _encode, hash_pixels
-    from medvqa.imaging.reader import ImportLimits, decode_pixels, read_dicom
+    from medvqa.imaging.reader import ImportLimits, capture_decoded, decode_pixels, read_dicom
+    from medvqa.imaging.render_check import check_renders
 
     deid, limits = Deidentifier(DeidSettings(b"bench key 32 bytes long.........")), ImportLimits()
     steps = dict.fromkeys(
@@ -115,6 +116,7 @@ def step_breakdown(folder: Path) -> dict[str, float]:
             "pixel hash",
             "de-identify",
             "encode",
+            "render check",
             "content hash",
             "write (page cache)",
         ],
@@ -129,13 +131,16 @@ def step_breakdown(folder: Path) -> dict[str, float]:
         marks.append(time.perf_counter())
         ds = read_dicom(data, limits)
         marks.append(time.perf_counter())
-        pixels = decode_pixels(ds)
+        with capture_decoded() as decoded:
+            pixels = decode_pixels(ds)
         marks.append(time.perf_counter())
         hash_pixels(pixels)
         marks.append(time.perf_counter())
         deid.deidentify(ds)
         marks.append(time.perf_counter())
         encoded = _encode(ds)
+        marks.append(time.perf_counter())
+        check_renders(encoded, decoded)
         marks.append(time.perf_counter())
         hashlib.sha256(encoded).hexdigest()
         marks.append(time.perf_counter())

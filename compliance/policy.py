@@ -60,6 +60,7 @@ class Action(enum.StrEnum):
     AUDIT_VERIFY = "audit:chain:verify"
     AUDIT_ROTATE_KEY = "audit:anchor:rotate_key"
     DATABASE_UPGRADE = "system:database:upgrade"
+    STORE_CHECK = "system:store:check"
 
 
 _C, _R, _M, _A, _ADM = Role.CLINICIAN, Role.REVIEWER, Role.ML_ENGINEER, Role.AUDITOR, Role.ADMIN
@@ -94,6 +95,7 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.AUDIT_VERIFY: frozenset({_A, _ADM}),
     Action.AUDIT_ROTATE_KEY: frozenset({_ADM}),
     Action.DATABASE_UPGRADE: frozenset({_ADM}),
+    Action.STORE_CHECK: frozenset({_ADM}),
 }
 
 

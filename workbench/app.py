@@ -12,6 +12,7 @@ import streamlit as st
 
 from compliance.policy import Action, is_allowed
 from workbench import auth
+from workbench.error_boundary import hide_error_details, run_guarded
 
 HERE = Path(__file__).resolve().parent
 # (file, title, icon, the action a role needs to see the page)
@@ -31,6 +32,10 @@ def pages_for(role: str) -> list[st.Page]:
 
 def main() -> None:
     st.set_page_config(page_title="medvqa workbench", layout="wide")
+    run_guarded(_run)
+
+
+def _run() -> None:
     auth.enforce_session()
     actor = auth.current_actor()
     if actor is None:
@@ -48,4 +53,5 @@ def main() -> None:
     st.navigation(pages).run()
 
 
+hide_error_details()
 main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
@@ -20,7 +21,15 @@ from pydicom.multival import MultiValue
 
 from compliance.deid import Deidentifier, DeidError
 from medvqa.errors import ImportRefused, ImportSkipped
-from medvqa.imaging.reader import ImportLimits, decode_pixels, read_dicom, scrub_message
+from medvqa.imaging.reader import (
+    ImportLimits,
+    capture_decoded,
+    check_image_size,
+    decode_pixels,
+    read_dicom,
+    scrub_message,
+)
+from medvqa.imaging.render_check import check_renders
 from medvqa.imaging.secondary_capture import dataset_from_image, is_plain_image
 from medvqa.imaging.store import ContentStore
 
@@ -50,12 +59,16 @@ class InstanceRecord:
     held_for_burned_in_text: bool
     spacing: dict[str, Any] = field(default_factory=dict)
     window: dict[str, Any] = field(default_factory=dict)
+    colour: bool = False  # frames are RGB: a series must not mix colour and grey (set by the render check)
 
 
 def prepare_instance(data: bytes, deid: Deidentifier, store: ContentStore, limits: ImportLimits) -> InstanceRecord:
     """Check, decode, de-identify and store one file; raise ImportRefused (nothing stored) when it is bad."""
-    record, encoded = _deidentified(data, deid, limits)
-    return replace(record, storage_path=store.put(encoded))  # outside the parsing boundary: disk errors stay errors
+    check_image_size(data, limits)  # a PNG/JPEG decompression bomb is refused from its header
+    with capture_decoded() as decoded:  # the pixels are decoded once: the render check reuses them
+        record, encoded = _deidentified(data, deid, limits)
+    colour = check_renders(encoded, decoded)  # what the viewer and the model could not open is refused, not stored
+    return replace(record, colour=colour, storage_path=store.put(encoded))  # disk errors stay errors
 
 
 def _deidentified(data: bytes, deid: Deidentifier, limits: ImportLimits) -> tuple[InstanceRecord, bytes]:
@@ -129,10 +142,12 @@ def _record(ds: Dataset, pixel_hash: str, storage_path: str, held: bool) -> Inst
 
 
 def _int(value: Any) -> int | None:
+    """An integer that fits the database's INTEGER column, else None (junk or absurd values are not kept)."""
     try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        number = int(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if number is None or -(2**31) <= number < 2**31 else None
 
 
 def _date(value: Any) -> date | None:
@@ -150,15 +165,17 @@ def _slice_position(ds: Dataset) -> float | None:
         return None
     if orientation.shape != (6,) or position.shape != (3,):
         return None
-    return float(np.dot(position, np.cross(orientation[:3], orientation[3:])))
+    along = float(np.dot(position, np.cross(orientation[:3], orientation[3:])))
+    return along if math.isfinite(along) else None
 
 
 def _first_floats(value: Any) -> list[float]:
     values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
     try:
-        return [float(v) for v in values]
-    except (TypeError, ValueError):
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError, OverflowError):
         return []
+    return numbers if all(math.isfinite(n) for n in numbers) else []  # NaN/infinity are not JSON
 
 
 def _spacing(ds: Dataset) -> dict[str, Any]:

@@ -7,6 +7,7 @@ dense, and colour is RGB on a 0..255 scale, whatever the transfer syntax or phot
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medvqa.errors import InvalidInput
-from medvqa.imaging.frames import Frame, frame_item, read_frames
+from medvqa.imaging.frames import Frame, finite_numbers, frame_item, lenient_number, lenient_value, read_frames
+from medvqa.imaging.reader import Decoded, scrub_message
 
 
 class SeriesError(InvalidInput, ValueError):
@@ -125,17 +127,26 @@ def read_series_files(paths: Sequence[Path]) -> Series:
     for path in paths:
         try:
             datasets.append(pydicom.dcmread(path))
+        except FileNotFoundError as error:
+            raise SeriesError(f"stored file {path.name} is missing; run `medvqa store check`") from error
         except (InvalidDicomError, OSError) as error:
-            raise SeriesError(f"{path} is not a readable DICOM file: {error}") from error
+            raise SeriesError(
+                f"stored file {path.name} is not a readable DICOM file: {scrub_message(error)}"
+            ) from error
+        except Exception as error:  # a corrupt file can make the parser raise anything
+            raise SeriesError(
+                f"stored file {path.name} cannot be read ({type(error).__name__}): {scrub_message(error)}"
+            ) from error
     return read_series(datasets)
 
 
-def read_series(datasets: Sequence[pydicom.Dataset]) -> Series:
-    """Assemble the instances of ONE series into a volume ordered along the slice normal."""
+def read_series(datasets: Sequence[pydicom.Dataset], decoded: Sequence[Decoded] = ()) -> Series:
+    """Assemble the instances of ONE series into a volume ordered along the slice normal (`decoded`: pixels
+    already decoded from some of them, see `read_frames`)."""
     if not datasets:
         raise SeriesError("no DICOM instances given; a series needs at least one image")
     series_uid = _single_series_uid(datasets)
-    frames = [frame for index, dataset in enumerate(datasets) for frame in read_frames(dataset, index)]
+    frames = [frame for index, dataset in enumerate(datasets) for frame in read_frames(dataset, index, decoded)]
     _check_same_shape(frames)
     ordered, positions, known = _order_frames(frames)
     pixels = np.stack([frame.pixels for frame in ordered]).astype(np.float32, copy=False)
@@ -143,7 +154,7 @@ def read_series(datasets: Sequence[pydicom.Dataset]) -> Series:
     first = datasets[0]
     return Series(
         series_uid=series_uid,
-        modality=str(first.get("Modality", "OT")),
+        modality=str(lenient_value(first, "Modality") or "OT"),
         pixels=pixels,
         spacing=(_slice_spacing(positions, known, first), *_pixel_spacing(first)),
         positions=positions,
@@ -218,18 +229,21 @@ def _slice_spacing(positions: tuple[float, ...], known: bool, dataset: pydicom.D
             return float(np.median(gaps))
     measures = frame_item(dataset, 0, "PixelMeasuresSequence") or dataset
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        value = measures.get(keyword) or dataset.get(keyword)
-        if value is not None and float(value) > 0:
-            return float(value)
+        for source in (measures, dataset):
+            value = lenient_number(source, keyword)
+            if value is not None and value > 0:
+                return value
     return 1.0
 
 
 def _pixel_spacing(dataset: pydicom.Dataset) -> tuple[float, float]:
+    """PixelSpacing (row, column) in mm; (1, 1) where it is absent, junk or not positive."""
     measures = frame_item(dataset, 0, "PixelMeasuresSequence") or dataset
-    spacing = measures.get("PixelSpacing") or dataset.get("PixelSpacing")
-    if spacing is None or len(spacing) != 2:
-        return (1.0, 1.0)
-    return (float(spacing[0]), float(spacing[1]))
+    for source in (measures, dataset):
+        spacing = finite_numbers(lenient_value(source, "PixelSpacing"))
+        if spacing is not None and len(spacing) == 2 and min(spacing) > 0:
+            return (spacing[0], spacing[1])
+    return (1.0, 1.0)
 
 
 def _default_window(first: Frame, dataset: pydicom.Dataset, pixels: np.ndarray) -> Window:
@@ -237,15 +251,26 @@ def _default_window(first: Frame, dataset: pydicom.Dataset, pixels: np.ndarray) 
     if pixels.ndim == 4:
         return COLOUR_WINDOW
     source = frame_item(dataset, first.frame_index, "FrameVOILUTSequence") or dataset
-    center, width = _first_value(source.get("WindowCenter")), _first_value(source.get("WindowWidth"))
+    center, width = lenient_number(source, "WindowCenter"), lenient_number(source, "WindowWidth")
     if center is not None and width is not None and width > 0:
         if first.inversion_pivot is not None:
             center = first.inversion_pivot - center
         return Window(center=center, width=width, name="file")
-    lut = _voi_lut(source, first.inversion_pivot)
+    lut = _lenient_voi_lut(source, first.inversion_pivot)
     if lut is not None:
         return Window(center=lut.first + len(lut.table) / 2, width=float(len(lut.table)), name="file", lut=lut)
     return auto_window(pixels)
+
+
+def _lenient_voi_lut(source: pydicom.Dataset, inversion_pivot: float | None) -> VoiLut | None:
+    """The file's VOI LUT, or None when it is malformed (the automatic window is used instead)."""
+    try:
+        lut = _voi_lut(source, inversion_pivot)
+    except Exception:
+        return None
+    if lut is None or not lut.table or not all(math.isfinite(value) for value in lut.table):
+        return None
+    return lut
 
 
 def _voi_lut(source: pydicom.Dataset, inversion_pivot: float | None) -> VoiLut | None:
@@ -263,12 +288,3 @@ def _voi_lut(source: pydicom.Dataset, inversion_pivot: float | None) -> VoiLut |
     if inversion_pivot is not None:  # pixels were mirrored v -> pivot - v, and MONOCHROME1 shows high as dark
         return VoiLut(first=inversion_pivot - (first + entries - 1), table=tuple(1.0 - table[::-1]))
     return VoiLut(first=float(first), table=tuple(table))
-
-
-def _first_value(value: object) -> float | None:
-    """WindowCenter/Width may hold several values; the first is the one the modality intends by default."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return float(value[0]) if len(value) else None
-    return float(value)  # type: ignore[arg-type]

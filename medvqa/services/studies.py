@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+import logging
+import traceback
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pydicom
 from sqlalchemy import Integer, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from compliance.deid import Deidentifier, DeidSettings, load_site_key
@@ -17,30 +21,46 @@ from medvqa.config import Settings
 from medvqa.db import Instance, Series, Study
 from medvqa.db.engine import Database
 from medvqa.errors import DatabaseError, ImportRefused, ImportSkipped
+from medvqa.imaging.frames import is_colour
 from medvqa.imaging.importer import InstanceRecord, prepare_instance
-from medvqa.imaging.reader import ImportLimits
-from medvqa.imaging.sources import list_sources, read_bounded
-from medvqa.imaging.store import ContentStore
+from medvqa.imaging.reader import ImportLimits, one_line
+from medvqa.imaging.sources import Listed, Source, is_zip, open_sources, read_bounded
+from medvqa.imaging.store import ContentStore, StoreLock
 from medvqa.services import audit
 from medvqa.services.access import authorize
 from medvqa.services.audit import Actor
 from medvqa.services.transaction import write
 
 Status = Literal["imported", "duplicate", "refused", "skipped"]
+STATUSES: tuple[Status, ...] = ("imported", "duplicate", "refused", "skipped")
+Prepared = tuple["FileOutcome", InstanceRecord]
+HELD_NOTE = "held until a reviewer confirms there is no burned-in text"
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class FileOutcome:
+    """What became of one input (a file, a zip member, a DICOMDIR entry, a folder entry): one line each."""
+
     source: str
     status: Status
     reason: str = ""
     study_id: int | None = None
     held: bool = False
 
+    def line(self) -> str:
+        if self.status == "imported":
+            return f"imported: {self.source}" + (f" ({HELD_NOTE})" if self.held else "")
+        if self.status == "duplicate":
+            return f"already stored: {self.source}"
+        return f"{self.status}: {self.source}: {self.reason}"
+
 
 @dataclass
 class ImportReport:
     outcomes: list[FileOutcome] = field(default_factory=list)
+    left_in_store: int = 0  # unreferenced files this import wrote but could not remove (another import was running)
+    swept: int = 0  # unreferenced files an earlier, interrupted import had left, removed before this one began
 
     def count(self, status: Status) -> int:
         return sum(1 for outcome in self.outcomes if outcome.status == status)
@@ -50,12 +70,14 @@ class ImportReport:
         return sorted({o.study_id for o in self.outcomes if o.study_id is not None})
 
     def as_dict(self) -> dict[str, Any]:
-        counts = {status: self.count(status) for status in ("imported", "duplicate", "refused", "skipped")}
+        counts: dict[str, int] = {status: self.count(status) for status in STATUSES}
         return {
             **counts,
             "held": sum(o.held for o in self.outcomes),
             "studies": self.study_ids,
-            "files": [vars(o) for o in self.outcomes],
+            "left_in_store": self.left_in_store,
+            "swept_after_interrupted_import": self.swept,
+            "files": [{**vars(o), "line": o.line()} for o in self.outcomes],
         }
 
 
@@ -69,49 +91,182 @@ def build_deidentifier(settings: Settings) -> Deidentifier:
 
 
 def import_paths(db: Database, actor: Actor, paths: Sequence[Path], settings: Settings) -> ImportReport:
-    """Import every file under `paths`. A bad file is refused with its reason and the rest goes on."""
+    """Import every input under `paths`; each gets one outcome. Whatever goes wrong with one input (a hostile
+    file, a failed database write for its study) refuses that input and the rest goes on; files written for
+    instances that end up without a row are removed. Only a store or settings failure before the first input
+    (or more inputs than MEDVQA_IMPORT_MAX_INSTANCES) stops the import, with one MedVQAError."""
     authorize(db, actor, Action.STUDY_IMPORT, "study")
     limits = import_limits(settings)
     deid, store = build_deidentifier(settings), ContentStore(settings.store_dir)
     report = ImportReport()
-    prepared: dict[str, list[tuple[FileOutcome, InstanceRecord]]] = defaultdict(list)
-    for source in list_sources(paths, limits):
-        outcome = FileOutcome(source.name, "imported")
-        try:
-            record = prepare_instance(read_bounded(source, limits), deid, store, limits)
-        except ImportSkipped as exc:
-            outcome.status, outcome.reason = "skipped", str(exc)
-        except ImportRefused as exc:
-            outcome.status, outcome.reason = "refused", str(exc)
-        else:
-            outcome.held = record.held_for_burned_in_text
-            prepared[record.study_uid].append((outcome, record))
-        report.outcomes.append(outcome)
-    store.sync()  # the files must be on disk before any row points at them
-    for items in prepared.values():
-        _save_study(db, actor, items)
+    with store.lock() as lock:
+        report.swept = _sweep_after_interrupted_import(db, store, lock)
+        with store.import_marker() as marker, open_sources(paths, limits) as items:
+            _import_items(db, actor, items, deid, store, limits, report)
+            report.left_in_store = _remove_unreferenced(db, store, lock)
+            marker.keep = report.left_in_store > 0  # the next import that runs alone sweeps them
     return report
 
 
-def _save_study(db: Database, actor: Actor, items: list[tuple[FileOutcome, InstanceRecord]]) -> None:
+def _import_items(
+    db: Database,
+    actor: Actor,
+    items: list[Source | Listed],
+    deid: Deidentifier,
+    store: ContentStore,
+    limits: ImportLimits,
+    report: ImportReport,
+) -> None:
+    prepared: dict[str, list[Prepared]] = defaultdict(list)
+    for item in items:
+        outcome, record = _prepare(item, deid, store, limits)
+        report.outcomes.append(outcome)
+        if record is not None:
+            prepared[record.study_uid].append((outcome, record))
+    store.sync()  # the files must be on disk before any row points at them
+    for study_items in prepared.values():
+        _save_study(db, actor, store, study_items)
+
+
+def _sweep_after_interrupted_import(db: Database, store: ContentStore, lock: StoreLock) -> int:
+    """An import killed mid-way left its marker, and perhaps files no row references: when no other import is
+    running (the lock can be taken exclusively), remove them before this import begins. Returns how many."""
+    if not store.has_markers() or not lock.try_exclusive():
+        return 0
     try:
-        study_id, new_uids = write(db, lambda session: _write_study(session, actor, [r for _, r in items]))
-    except DatabaseError as exc:
+        content, leftovers, _ = store.scan()
+        removed = store.remove_unreferenced(content, all_referenced_paths(db))
+        for relative in leftovers:
+            store.remove_leftover(relative)
+        if removed:
+            log.info("import: removed %d unreferenced store file(s) left by an interrupted import", len(removed))
+        return len(removed)
+    except Exception as exc:  # the sweep is housekeeping: the import goes on, `store check --prune` remains
+        log.warning("import: could not sweep after an interrupted import (%s)", type(exc).__name__)
+        return 0
+    finally:
+        lock.share()
+
+
+def all_referenced_paths(db: Database) -> set[str]:
+    with db.read_session() as session:
+        return set(session.scalars(select(Instance.storage_path)))
+
+
+def _prepare(
+    item: Source | Listed, deid: Deidentifier, store: ContentStore, limits: ImportLimits
+) -> tuple[FileOutcome, InstanceRecord | None]:
+    """One input's outcome, and its record when it is ready to be written. Every exception becomes a refusal."""
+    if isinstance(item, Listed):
+        return FileOutcome(item.name, item.status, one_line(item.reason)), None
+    outcome = FileOutcome(item.name, "imported")
+    try:
+        data = read_bounded(item, limits)
+        if item.container == "zip" and is_zip(data[:4]):
+            raise ImportRefused("a zip archive inside a zip archive is not opened (unpack it first)")
+        record = prepare_instance(data, deid, store, limits)
+    except ImportSkipped as exc:
+        outcome.status, outcome.reason = "skipped", one_line(str(exc))
+    except ImportRefused as exc:
+        outcome.status, outcome.reason = "refused", one_line(str(exc))
+    except OSError as exc:
+        outcome.status, outcome.reason = "refused", f"could not be read or stored: {exc.strerror or type(exc).__name__}"
+    except Exception as exc:
+        outcome.status, outcome.reason = "refused", _unexpected(exc)
+    else:
+        outcome.held = record.held_for_burned_in_text
+        return outcome, record
+    return outcome, None
+
+
+def _unexpected(exc: BaseException) -> str:
+    """A refusal line for an error nobody foresaw: its type and where it was raised (no message, which may quote
+    a value of the file); the log gets the same, so it can be found and fixed."""
+    described = describe_unexpected(exc)
+    log.warning("import: %s; the input was refused", described)
+    return f"{described}; nothing of it was kept"
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """'unexpected error (KeyError at frames.py:123)': the type and the innermost place, never the message."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"unexpected error ({type(exc).__name__}{where})"
+
+
+def _save_study(
+    db: Database, actor: Actor, store: ContentStore, items: list[tuple[FileOutcome, InstanceRecord]]
+) -> None:
+    """Write one study's rows and audit event in one transaction; when it fails, its inputs are refused (their
+    files are removed at the end of the import)."""
+    records = [record for _, record in items]
+    reason = ""
+    for attempt in range(2):
+        try:
+            study_id, decisions = write(db, lambda session: _write_study(session, actor, store, records))
+            break
+        except IntegrityError as exc:
+            # A concurrent import may have inserted the same study, series or instance first: once more, it now
+            # finds them; a second refusal is the database's own (a constraint or a trigger).
+            first_line = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+            reason = f"the database refused the write: {one_line(first_line)[:300]}"
+            if attempt == 0:
+                continue
+        except DatabaseError as exc:
+            reason = one_line(str(exc))
+        except Exception as exc:
+            reason = _unexpected(exc)
         for outcome, _ in items:
-            outcome.status, outcome.reason = "refused", str(exc)
+            outcome.status, outcome.reason, outcome.held = "refused", reason, False
         return
-    for outcome, record in items:
-        outcome.study_id = study_id
-        if record.sop_instance_uid in new_uids:
-            new_uids.discard(record.sop_instance_uid)  # a second copy within this import is a duplicate
-        else:
-            outcome.status = "duplicate"
+    for (outcome, _), (status, why) in zip(items, decisions, strict=True):
+        outcome.status, outcome.reason = status, why
+        outcome.study_id = study_id if status != "refused" else None
+        outcome.held = outcome.held and status == "imported"
 
 
-def _write_study(session: Session, actor: Actor, records: list[InstanceRecord]) -> tuple[int, set[str]]:
-    """Study, series and new instances, and one audit event: all in the caller's transaction."""
+Decision = tuple[Status, str]
+
+
+def _write_study(
+    session: Session, actor: Actor, store: ContentStore, records: list[InstanceRecord]
+) -> tuple[int | None, list[Decision]]:
+    """Study, series and new instances, and one audit event: all in the caller's transaction. An instance is
+    refused here when the series it names belongs to another study, or when its image size or colour differs
+    from the rest of its series (the series could not be shown as one volume)."""
     first = records[0]
     study = session.scalars(select(Study).where(Study.study_uid == first.study_uid)).one_or_none()
+    wanted = {r.sop_instance_uid for r in records}
+    existing = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(wanted))))
+    series_rows: dict[str, Series | None] = {}
+    expected: dict[str, tuple[int, int, bool] | None] = {}
+    decisions: list[Decision] = []
+    accepted: list[InstanceRecord] = []
+    accepted_uids: set[str] = set()
+    majority = _majority_shapes(records)
+    for record in records:
+        if record.sop_instance_uid in existing or record.sop_instance_uid in accepted_uids:
+            decisions.append(("duplicate", ""))  # a second copy within this import is a duplicate
+            continue
+        if record.series_uid not in series_rows:
+            series = session.scalars(select(Series).where(Series.series_uid == record.series_uid)).one_or_none()
+            series_rows[record.series_uid] = series
+            stored = _stored_shape(session, store, series) if series is not None else None
+            expected[record.series_uid] = stored or majority[record.series_uid]
+        series = series_rows[record.series_uid]
+        if series is not None and (study is None or series.study_id != study.id):
+            decisions.append(("refused", "its series belongs to another study"))
+            continue
+        shape, wanted_shape = _shape(record), expected[record.series_uid]
+        if wanted_shape is not None and shape != wanted_shape:
+            differs = f"{_shape_text(shape)} differs from the rest of its series ({_shape_text(wanted_shape)})"
+            decisions.append(("refused", differs))
+            continue
+        accepted.append(record)
+        accepted_uids.add(record.sop_instance_uid)
+        decisions.append(("imported", ""))
+    if study is None and not accepted:
+        return None, decisions
     if study is None:
         study = Study(
             study_uid=first.study_uid,
@@ -123,26 +278,84 @@ def _write_study(session: Session, actor: Actor, records: list[InstanceRecord]) 
         )
         session.add(study)
         session.flush()
-    wanted = {r.sop_instance_uid for r in records}
-    existing = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(wanted))))
-    new_uids: set[str] = set()
     series_ids: dict[str, int] = {}
-    for record in records:
-        if record.sop_instance_uid in existing or record.sop_instance_uid in new_uids:
-            continue
+    for record in accepted:
         series_id = series_ids.get(record.series_uid) or _series_id(session, study.id, record)
         series_ids[record.series_uid] = series_id
         session.add(_instance(series_id, record))
-        new_uids.add(record.sop_instance_uid)
     session.flush()
     details = {
-        "instances_new": len(new_uids),
-        "instances_already_stored": len(records) - len(new_uids),
-        "held_for_burned_in_text": sum(r.held_for_burned_in_text for r in records if r.sop_instance_uid in new_uids),
+        "instances_new": len(accepted),
+        "instances_already_stored": sum(status == "duplicate" for status, _ in decisions),
+        "instances_refused": sum(status == "refused" for status, _ in decisions),
+        "held_for_burned_in_text": sum(r.held_for_burned_in_text for r in accepted),
         "series": sorted(series_ids),
     }
     audit.record(session, actor, Action.STUDY_IMPORT, "study", study.id, details=details)
-    return study.id, set(new_uids)
+    return study.id, decisions
+
+
+def _shape(record: InstanceRecord) -> tuple[int, int, bool]:
+    return (record.rows, record.columns, record.colour)
+
+
+def _majority_shapes(records: list[InstanceRecord]) -> dict[str, tuple[int, int, bool] | None]:
+    """Per series, the shape most of this import's instances have (the first seen among equals): one odd file
+    is refused, not the rest of its series because the odd one happened to come first."""
+    counts: dict[str, Counter[tuple[int, int, bool]]] = defaultdict(Counter)
+    for record in records:
+        counts[record.series_uid][_shape(record)] += 1
+    return {uid: shapes.most_common(1)[0][0] for uid, shapes in counts.items()}
+
+
+def _shape_text(shape: tuple[int, int, bool]) -> str:
+    rows, columns, colour = shape
+    return f"{'colour' if colour else 'grey'} {columns} x {rows} image"
+
+
+def _stored_shape(session: Session, store: ContentStore, series: Series) -> tuple[int, int, bool] | None:
+    """(rows, columns, colour) of an instance the series already holds (colour read from its stored header)."""
+    row = session.execute(
+        select(Instance.rows, Instance.columns, Instance.storage_path).where(Instance.series_id == series.id).limit(1)
+    ).first()
+    if row is None:
+        return None
+    try:
+        header = pydicom.dcmread(store.path(row.storage_path), stop_before_pixels=True)
+        colour = is_colour(header)
+    except Exception:  # an unreadable stored file: compare the size alone
+        return None
+    return (row.rows, row.columns, colour)
+
+
+def _remove_unreferenced(db: Database, store: ContentStore, lock: StoreLock) -> int:
+    """Remove the files this import wrote that no row references (refused after storing, or their study's write
+    failed). Only when no other import holds the store (it may be about to reference the same content); the
+    number left is reported, and `medvqa store check --prune` removes them later."""
+    if not store.created:
+        return 0
+    try:
+        unreferenced = store.created - referenced_paths(db, store.created)
+        if not unreferenced:
+            return 0
+        if not lock.try_exclusive():
+            return len(unreferenced)
+        store.remove_unreferenced(unreferenced, referenced_paths(db, unreferenced))
+    except Exception as exc:  # the database went away: leave the files for `medvqa store check --prune`
+        log.warning("import: could not remove unreferenced store files (%s)", type(exc).__name__)
+        return len(store.created)
+    return 0
+
+
+def referenced_paths(db: Database, paths: set[str]) -> set[str]:
+    """Those of `paths` that an instance row references."""
+    found: set[str] = set()
+    ordered = sorted(paths)
+    with db.read_session() as session:
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start : start + 500]
+            found.update(session.scalars(select(Instance.storage_path).where(Instance.storage_path.in_(chunk))))
+    return found
 
 
 def _series_id(session: Session, study_id: int, record: InstanceRecord) -> int:

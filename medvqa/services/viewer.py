@@ -18,6 +18,8 @@ from medvqa.config import Settings
 from medvqa.db import Instance
 from medvqa.db.engine import Database
 from medvqa.errors import InvalidInput, NotFound
+from medvqa.imaging.frames import lenient_value
+from medvqa.imaging.reader import one_line
 from medvqa.imaging.series import PRESETS, Series, Window
 from medvqa.imaging.store import ContentStore
 from medvqa.services.access import authorize
@@ -87,11 +89,20 @@ def instance_metadata(db: Database, actor: Actor, settings: Settings, volume: Se
         path = session.scalar(select(Instance.storage_path).where(Instance.sop_instance_uid == uid))
     if path is None:
         raise NotFound(f"instance {uid} is not stored")
-    dataset = pydicom.dcmread(ContentStore(settings.store_dir).path(path), stop_before_pixels=True)
-    return {keyword: _text(dataset.get(keyword)) for keyword in DISPLAY_TAGS if keyword in dataset}
+    try:
+        dataset = pydicom.dcmread(ContentStore(settings.store_dir).path(path), stop_before_pixels=True)
+    except Exception as exc:
+        raise InvalidInput(f"the stored file of instance {uid} cannot be read ({type(exc).__name__})") from None
+    return {keyword: _text(lenient_value(dataset, keyword)) for keyword in DISPLAY_TAGS if keyword in dataset}
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
-        return "\\".join(str(item) for item in value)
-    return str(value)
+    """A tag's value as one line of text; a value that cannot be shown becomes a placeholder."""
+    try:
+        if value is None:
+            return "(unreadable)"
+        if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+            return one_line("\\".join(str(item) for item in value))
+        return one_line(str(value))
+    except Exception:
+        return "(unreadable)"
