@@ -36,6 +36,7 @@ class FileOutcome:
     reason: str = ""
     study_id: int | None = None
     held: bool = False
+    values_corrected: int = 0  # retained values replaced or removed as invalid for their VR (never the values)
 
 
 @dataclass
@@ -84,7 +85,7 @@ def import_paths(db: Database, actor: Actor, paths: Sequence[Path], settings: Se
         except ImportRefused as exc:
             outcome.status, outcome.reason = "refused", str(exc)
         else:
-            outcome.held = record.held_for_burned_in_text
+            outcome.held, outcome.values_corrected = record.held_for_burned_in_text, record.values_corrected
             prepared[record.study_uid].append((outcome, record))
         report.outcomes.append(outcome)
     store.sync()  # the files must be on disk before any row points at them
@@ -139,6 +140,7 @@ def _write_study(session: Session, actor: Actor, records: list[InstanceRecord]) 
         "instances_new": len(new_uids),
         "instances_already_stored": len(records) - len(new_uids),
         "held_for_burned_in_text": sum(r.held_for_burned_in_text for r in records if r.sop_instance_uid in new_uids),
+        "values_corrected": sum(r.values_corrected for r in records if r.sop_instance_uid in new_uids),
         "series": sorted(series_ids),
     }
     audit.record(session, actor, Action.STUDY_IMPORT, "study", study.id, details=details)
@@ -173,6 +175,8 @@ def _instance(series_id: int, record: InstanceRecord) -> Instance:
         pixel_hash=record.pixel_hash,
         storage_path=record.storage_path,
         held_for_burned_in_text=record.held_for_burned_in_text,
+        burned_in_text=record.burned_in_text or None,
+        deid_report=record.deid_report or None,
     )
 
 
