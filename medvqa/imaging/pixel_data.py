@@ -40,7 +40,7 @@ def clean_pixel_data(ds: Dataset, pixels: np.ndarray) -> None:
     decoded values are `pixels`."""
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     if not syntax.is_compressed:
-        _store_native(ds, pixels)
+        store_native(ds, pixels)
         return
     try:
         if syntax == RLELossless:
@@ -52,14 +52,14 @@ def clean_pixel_data(ds: Dataset, pixels: np.ndarray) -> None:
     except Exception:  # noqa: BLE001, S110 - any doubt about the stream: store the decoded values instead
         pass
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    _store_native(ds, pixels)
+    store_native(ds, pixels)
 
 
 def _digest(pixels: np.ndarray) -> str:
     return hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode() + np.ascontiguousarray(pixels).tobytes()).hexdigest()
 
 
-def _store_native(ds: Dataset, pixels: np.ndarray) -> None:
+def store_native(ds: Dataset, pixels: np.ndarray) -> None:
     if ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # values are written little-endian below
     bits_allocated, bits_stored = int(ds.BitsAllocated), int(ds.BitsStored)
