@@ -41,6 +41,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 from compliance.dicom_terms import BODY_PARTS, MODALITIES, PHOTOMETRIC_INTERPRETATIONS
 
@@ -106,7 +107,11 @@ _voi = {
     "WindowWidth": Rule(vm=(1, MANY), positive=True),
     "VOILUTFunction": Rule(terms=frozenset({"LINEAR", "LINEAR_EXACT", "SIGMOID"})),
 }
-_measures = {"PixelSpacing": Rule(vm=(2, 2), positive=True), "SliceThickness": _positive, "SpacingBetweenSlices": _number}
+_measures = {
+    "PixelSpacing": Rule(vm=(2, 2), positive=True),
+    "SliceThickness": _positive,
+    "SpacingBetweenSlices": _number,
+}
 _reference = {"ReferencedSOPClassUID": Rule(), "ReferencedSOPInstanceUID": Rule(remap_uid=True)}
 _functional_group = {  # the functional-group macros medvqa/imaging/frames.py and series.py read
     "PlanePositionSequence": Rule(vm=(0, MANY), items={"ImagePositionPatient": Rule(vm=(3, 3))}),
@@ -300,8 +305,8 @@ def fresh_file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     return meta
 

@@ -196,9 +196,9 @@ def _public_tag_for(vr: str, exclude: set[int]) -> int:
 
     for tag, entry in sorted(DicomDictionary.items()):
         group = tag >> 16
-        if entry[0] == vr and entry[3] == "" and group not in (0x0000, 0x0002, 0x0008, 0x7FE0, 0xFFFE) and tag not in exclude:
-            if (group & 0xFF00) not in (0x5000, 0x6000) and tag & 0xFFFF:
-                return int(tag)
+        usable = group not in (0x0000, 0x0002, 0x0008, 0x7FE0, 0xFFFE) and (group & 0xFF00) not in (0x5000, 0x6000)
+        if entry[0] == vr and entry[3] == "" and usable and tag not in exclude and tag & 0xFFFF:
+            return int(tag)
     raise LookupError(vr)
 
 

@@ -34,7 +34,8 @@ def test_profile_is_recorded():
     ds = deidentified()
     assert ds.PatientIdentityRemoved == "YES"
     # CID 7050: the Basic Profile, Clean Graphics, Clean Structured Content and Clean Descriptors options
-    assert [item.CodeValue for item in ds.DeidentificationMethodCodeSequence] == ["113100", "113103", "113104", "113105"]
+    codes = [item.CodeValue for item in ds.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113103", "113104", "113105"]
     assert ds.LongitudinalTemporalInformationModified == "REMOVED"
     assert "StudyDate" not in ds or not ds.StudyDate
 

@@ -256,6 +256,7 @@ def test_text_hidden_in_the_pixel_stream_is_dropped(settings_home):
 
     source = dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
     frame = next(generate_frames(source.PixelData, number_of_frames=1))
+
     def segment(marker: int, body: bytes) -> bytes:
         return bytes((0xFF, marker)) + (len(body) + 2).to_bytes(2, "big") + body
 
@@ -286,8 +287,10 @@ SEQUENCE_TAGS = sorted(t for t, e in DicomDictionary.items() if e[0] == "SQ" and
 TEXT_TAGS = sorted(
     t
     for t, e in DicomDictionary.items()
-    if e[0] in TEXT_VR_VALUES and e[3] == "" and t >> 16 not in (0x0000, 0x0002, 0xFFFE) and (t >> 16) & 0xFF00
-    not in (0x5000, 0x6000)
+    if e[0] in TEXT_VR_VALUES
+    and e[3] == ""
+    and t >> 16 not in (0x0000, 0x0002, 0xFFFE)
+    and (t >> 16) & 0xFF00 not in (0x5000, 0x6000)
 )
 
 

@@ -100,7 +100,7 @@ class TextDetection:
 def engine_version() -> str:
     """'tesseract X.Y.Z', or '' when the engine is missing."""
     try:
-        import pytesseract
+        import pytesseract  # type: ignore[import-untyped]
 
         return f"tesseract {pytesseract.get_tesseract_version()}"
     except Exception:  # missing binary, broken install: the caller holds the instance instead
@@ -216,18 +216,27 @@ def _frame_boxes(frame: np.ndarray, index: int) -> list[TextBox]:
 
 def _words(image: Image.Image) -> list[tuple[int, int, int, int, float]]:
     """(left, top, width, height, confidence) of the words that count; the text itself stays in here."""
+    return [
+        (left, top, width, height, confidence)
+        for left, top, width, height, confidence, characters in scored_words(image)
+        if confidence >= MIN_CONFIDENCE and characters >= MIN_CHARACTERS
+    ]
+
+
+def scored_words(image: Image.Image) -> list[tuple[int, int, int, int, float, int]]:
+    """Every word tesseract reads: box, confidence and how many letters or digits it has (not what they are)."""
     import pytesseract
 
     data = pytesseract.image_to_data(
         image, lang="eng", config="--psm 11", output_type=pytesseract.Output.DICT, timeout=TIMEOUT_S
     )
-    found = []
-    for text, confidence, left, top, width, height in zip(
-        data["text"], data["conf"], data["left"], data["top"], data["width"], data["height"], strict=True
-    ):
-        if float(confidence) >= MIN_CONFIDENCE and len(_ALNUM.findall(str(text))) >= MIN_CHARACTERS:
-            found.append((int(left), int(top), int(width), int(height), float(confidence)))
-    return found
+    return [
+        (int(left), int(top), int(width), int(height), float(confidence), len(_ALNUM.findall(str(text))))
+        for text, confidence, left, top, width, height in zip(
+            data["text"], data["conf"], data["left"], data["top"], data["width"], data["height"], strict=True
+        )
+        if str(text).strip()
+    ]
 
 
 def _unique(boxes: list[TextBox]) -> list[TextBox]:

@@ -49,14 +49,16 @@ def clean_pixel_data(ds: Dataset, pixels: np.ndarray) -> None:
             _reencapsulate(ds, syntax)
         if _digest(np.asarray(ds.pixel_array)) == _digest(pixels):
             return
-    except Exception:  # noqa: BLE001, S110 - any doubt about the stream: store the decoded values instead
+    except Exception:
         pass
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     store_native(ds, pixels)
 
 
 def _digest(pixels: np.ndarray) -> str:
-    return hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode() + np.ascontiguousarray(pixels).tobytes()).hexdigest()
+    return hashlib.sha256(
+        f"{pixels.dtype.str}{pixels.shape}".encode() + np.ascontiguousarray(pixels).tobytes()
+    ).hexdigest()
 
 
 def store_native(ds: Dataset, pixels: np.ndarray) -> None:
