@@ -126,7 +126,7 @@ def main() -> None:
     print(f"burned-in text detector {burned_in.DETECTOR_VERSION}, {burned_in.engine_version()}")
     print(
         f"rule: confidence >= {rule[0]:g}, >= {rule[1]} letters or digits; upscaled to {burned_in.TARGET_SIDE} px "
-        f"(at most x{burned_in.MAX_UPSCALE}), read as stored and inverted; {len(images)} backgrounds\n"
+        f"(at most x{burned_in.MAX_UPSCALE}), read as stored, inverted and as its brightest values; {len(images)} backgrounds\n"
     )
     print("| images | what | held | rate |")
     print("|---|---|---:|---:|")
@@ -142,7 +142,7 @@ def main() -> None:
     print(f"| {len(false)} | no text | {sum(false)} | {sum(false) / len(false):.1%} false holds |")
     print(
         f"\ntime per image: median {statistics.median(times):.2f} s, p90 {np.percentile(times, 90):.2f} s, "
-        f"over {len(times)} images (two tesseract processes per image)\n"
+        f"over {len(times)} images (three tesseract processes per image, at once)\n"
     )
     print("| rule: confidence >= | letters or digits >= | recall | false holds |")
     print("|---:|---:|---:|---:|")

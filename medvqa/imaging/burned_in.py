@@ -2,8 +2,8 @@
 
 Each checked frame is windowed to 8 bit (min to max: burned-in text is usually drawn at the brightest or darkest
 value), upscaled so that its long side reaches `TARGET_SIDE` (text in medical images is small: 6-12 pixels high on a
-512 matrix), and read twice, as stored and inverted (tesseract reads dark on light best; annotations are usually
-white on black). The two passes run as two tesseract processes at once. A word counts when tesseract gives it a
+512 matrix), and read three times: as stored, inverted (tesseract reads dark on light best; annotations are
+usually white on black), and as a mask of its brightest values. The passes run as tesseract processes at once. A word counts when tesseract gives it a
 confidence of at least `MIN_CONFIDENCE` and it holds at least `MIN_CHARACTERS` letters or digits: names, dates and
 identifiers all do, while the single letters of orientation marks (R, L, A) and most noise do not; the figures
 behind both numbers are in README's Benchmarks (bench/ocr_bench.py).
@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-DETECTOR_VERSION = "medvqa.burned_in/1"
+DETECTOR_VERSION = "medvqa.burned_in/2"
 TARGET_SIDE = 2400  # upscale (at most MAX_UPSCALE times) until the long side reaches this many pixels
 MAX_UPSCALE = 4
+BRIGHT_THRESHOLD = 200  # of 255, after upscaling: the third pass keeps only what is this bright
 MIN_CONFIDENCE = 60.0
 MIN_CHARACTERS = 3
 MAX_FRAMES = 3  # first, middle and last frame of a multi-frame instance (cine text is static)
@@ -189,12 +190,15 @@ def _frames(pixels: np.ndarray, samples_per_pixel: int) -> list[np.ndarray]:
 
 
 def prepared_images(frame: np.ndarray) -> tuple[float, list[Image.Image]]:
-    """The scale factor and the two images tesseract reads: as stored, and inverted."""
+    """The scale factor and the three images tesseract reads: as stored, inverted, and the brightest values alone
+    as black on white (annotations are drawn at the top of the range; over textured anatomy tesseract's own
+    binarisation loses them, a fixed threshold after upscaling keeps them)."""
     grey = Image.fromarray(to_grey8(frame), mode="L")
     scale = max(1.0, min(float(MAX_UPSCALE), TARGET_SIDE / max(grey.size)))
     if scale > 1.0:
         grey = grey.resize((round(grey.width * scale), round(grey.height * scale)), Image.Resampling.LANCZOS)
-    return scale, [grey, ImageOps.invert(grey)]
+    brightest = Image.fromarray(np.where(np.asarray(grey) >= BRIGHT_THRESHOLD, 0, 255).astype(np.uint8), mode="L")
+    return scale, [grey, ImageOps.invert(grey), brightest]
 
 
 def _frame_boxes(frame: np.ndarray, index: int) -> list[TextBox]:
