@@ -32,6 +32,7 @@ DETECTOR_VERSION = "medvqa.burned_in/2"
 TARGET_SIDE = 2400  # upscale (at most MAX_UPSCALE times) until the long side reaches this many pixels
 MAX_UPSCALE = 4
 BRIGHT_THRESHOLD = 200  # of 255, after upscaling: the third pass keeps only what is this bright
+MAX_BRIGHT_SHARE = 0.08  # ... and runs only when that is sparse (text: 1-5% of an image; noise: 15% and more)
 MIN_CONFIDENCE = 60.0
 MIN_CHARACTERS = 3
 MAX_FRAMES = 3  # first, middle and last frame of a multi-frame instance (cine text is static)
@@ -197,8 +198,10 @@ def prepared_images(frame: np.ndarray) -> tuple[float, list[Image.Image]]:
     scale = max(1.0, min(float(MAX_UPSCALE), TARGET_SIDE / max(grey.size)))
     if scale > 1.0:
         grey = grey.resize((round(grey.width * scale), round(grey.height * scale)), Image.Resampling.LANCZOS)
-    brightest = Image.fromarray(np.where(np.asarray(grey) >= BRIGHT_THRESHOLD, 0, 255).astype(np.uint8), mode="L")
-    return scale, [grey, ImageOps.invert(grey), brightest]
+    bright = np.asarray(grey) >= BRIGHT_THRESHOLD
+    if bright.mean() > MAX_BRIGHT_SHARE:  # a bright picture, not sparse annotations: the mask would be noise
+        return scale, [grey, ImageOps.invert(grey)]
+    return scale, [grey, ImageOps.invert(grey), Image.fromarray(np.where(bright, 0, 255).astype(np.uint8), mode="L")]
 
 
 def _frame_boxes(frame: np.ndarray, index: int) -> list[TextBox]:
