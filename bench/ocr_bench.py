@@ -126,7 +126,8 @@ def main() -> None:
     print(f"burned-in text detector {burned_in.DETECTOR_VERSION}, {burned_in.engine_version()}")
     print(
         f"rule: confidence >= {rule[0]:g}, >= {rule[1]} letters or digits; upscaled to {burned_in.TARGET_SIDE} px "
-        f"(at most x{burned_in.MAX_UPSCALE}), read as stored, inverted and as its brightest values; {len(images)} backgrounds\n"
+        f"(at most x{burned_in.MAX_UPSCALE}), read as stored, inverted and as its brightest values; "
+        f"{len(images)} backgrounds\n"
     )
     print("| images | what | held | rate |")
     print("|---|---|---:|---:|")

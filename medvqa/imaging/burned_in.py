@@ -3,10 +3,11 @@
 Each checked frame is windowed to 8 bit (min to max: burned-in text is usually drawn at the brightest or darkest
 value), upscaled so that its long side reaches `TARGET_SIDE` (text in medical images is small: 6-12 pixels high on a
 512 matrix), and read three times: as stored, inverted (tesseract reads dark on light best; annotations are
-usually white on black), and as a mask of its brightest values. The passes run as tesseract processes at once. A word counts when tesseract gives it a
-confidence of at least `MIN_CONFIDENCE` and it holds at least `MIN_CHARACTERS` letters or digits: names, dates and
-identifiers all do, while the single letters of orientation marks (R, L, A) and most noise do not; the figures
-behind both numbers are in README's Benchmarks (bench/ocr_bench.py).
+usually white on black), and as a mask of its brightest values. The passes run as tesseract processes at once.
+A word counts when tesseract gives it a confidence of at least `MIN_CONFIDENCE` and it holds at least
+`MIN_CHARACTERS` letters or digits: names, dates and identifiers all do, while the single letters of orientation
+marks (R, L, A) and most noise do not; the figures behind both numbers are in README's Benchmarks
+(bench/ocr_bench.py).
 
 Only boxes and confidences leave this module: the recognised text is dropped here, never stored, logged or shown
 (it may be a name). Results are cached by pixel hash, so importing the same pixels again costs nothing.
