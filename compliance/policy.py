@@ -44,6 +44,7 @@ class Action(enum.StrEnum):
     STUDY_LIST = "study:study:list"
     STUDY_VIEW = "study:study:view"
     INSTANCE_CONFIRM = "study:instance:confirm_burned_in"
+    INSTANCE_CLEAN = "study:instance:clean_burned_in"
     QUESTION_ASK = "answer:question:ask"
     FEEDBACK_CREATE = "answer:feedback:create"
     FEEDBACK_SUPERSEDE = "answer:feedback:supersede"
@@ -79,6 +80,7 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.STUDY_LIST: frozenset({_C, _R, _M, _A, _ADM}),  # de-identified metadata only
     Action.STUDY_VIEW: frozenset({_C, _R}),
     Action.INSTANCE_CONFIRM: frozenset({_R}),
+    Action.INSTANCE_CLEAN: frozenset({_R}),
     Action.QUESTION_ASK: frozenset({_C, _R}),
     Action.FEEDBACK_CREATE: frozenset({_C, _R}),
     Action.FEEDBACK_SUPERSEDE: frozenset({_C, _R}),

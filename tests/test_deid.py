@@ -33,7 +33,9 @@ def test_no_fake_phi_survives_anywhere_in_the_file():
 def test_profile_is_recorded():
     ds = deidentified()
     assert ds.PatientIdentityRemoved == "YES"
-    assert [item.CodeValue for item in ds.DeidentificationMethodCodeSequence] == ["113100"]
+    # CID 7050: the Basic Profile, Clean Graphics, Clean Structured Content and Clean Descriptors options
+    codes = [item.CodeValue for item in ds.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113103", "113104", "113105"]
     assert ds.LongitudinalTemporalInformationModified == "REMOVED"
     assert "StudyDate" not in ds or not ds.StudyDate
 
@@ -76,7 +78,8 @@ def test_retained_dates_are_shifted_by_one_fixed_offset_per_patient():
     assert a.PatientBirthDate != PHI["PatientBirthDate"] and len(a.PatientBirthDate) == 8
     days = Deidentifier(DeidSettings(KEY, True)).date_shift_days(a.PatientID)
     assert -3650 <= days <= -1
-    assert [item.CodeValue for item in a.DeidentificationMethodCodeSequence] == ["113100", "113107"]
+    codes = [item.CodeValue for item in a.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113103", "113104", "113105", "113107"]
     assert a.LongitudinalTemporalInformationModified == "MODIFIED"
 
 

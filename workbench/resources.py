@@ -86,3 +86,8 @@ def _volume(_db: Database, url: str, name: str, role: str, user_id: int | None, 
     from medvqa.services.images import load_series
 
     return load_series(_db, Actor(name, role, user_id), series_id, settings())
+
+
+def forget_volumes() -> None:
+    """Drop every cached volume (after pixel cleaning replaced a stored file)."""
+    _volume.clear()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
-from sqlalchemy import Boolean, Date, Float, ForeignKey, Integer, String
+from sqlalchemy import JSON, Boolean, Date, Float, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from medvqa.db.base import Base, IntPK, JsonDict, Sha256, Timestamp, Uid
@@ -52,3 +53,9 @@ class Instance(Base):
     storage_path: Mapped[str] = mapped_column(String(512))
     held_for_burned_in_text: Mapped[bool] = mapped_column(Boolean, default=False)
     burned_in_confirmed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    # The OCR detector's word boxes and confidences (never the recognised text), or None when it did not run.
+    burned_in_text: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Provenance of a reviewer's pixel cleaning: boxes, by whom, when, the new pixel hash, the option code.
+    pixel_cleaning: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # De-identification counts: values replaced or removed as invalid for their VR (by keyword), elements dropped.
+    deid_report: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -1,8 +1,10 @@
 """Demo studies: the VQA-RAD teaching images (CC0, MedPix) as DICOM secondary-capture files.
 
 Modality and body part come from the training split's questions only (test.jsonl stays untouched).
-BurnedInAnnotation is set to NO: these images were published de-identified by the National Library of
-Medicine; their arrows and letters are teaching marks, not identity.
+The files say BurnedInAnnotation NO, as MedPix published them, but import does not trust that: every secondary
+capture goes through the OCR check, and most VQA-RAD pictures carry a MedPix mark, an uploader's name and a
+date in a corner, so most demo studies wait for a reviewer (Review > Held instances: confirm, or black the
+text out). OCR results are cached by pixel hash under MEDVQA_HOME, so a second `medvqa demo` costs nothing.
 """
 
 from __future__ import annotations

@@ -201,7 +201,8 @@ def agreement(db: Database, actor: Actor) -> Agreement:
 
 
 def held_instances(db: Database, actor: Actor) -> list[dict[str, Any]]:
-    """Instances held for a possible burned-in text that no reviewer has confirmed yet."""
+    """Instances held for a possible burned-in text that no reviewer has confirmed yet, with the word boxes the
+    detector found (boxes and confidences: the recognised text is never kept)."""
     authorize(db, actor, Action.INSTANCE_CONFIRM, "instance")
     with db.read_session() as session:
         rows = session.execute(
@@ -217,6 +218,8 @@ def held_instances(db: Database, actor: Actor) -> list[dict[str, Any]]:
             "study_id": study_id,
             "modality": modality,
             "sop_instance_uid": instance.sop_instance_uid,
+            "text_boxes": list((instance.burned_in_text or {}).get("boxes", [])),
+            "ocr_checked": bool((instance.burned_in_text or {}).get("checked", False)),
         }
         for instance, study_id, modality in rows
     ]

@@ -47,6 +47,7 @@ class FileOutcome:
     reason: str = ""
     study_id: int | None = None
     held: bool = False
+    values_corrected: int = 0  # retained values replaced or removed as invalid for their VR (never the values)
 
     def line(self) -> str:
         if self.status == "imported":
@@ -174,7 +175,7 @@ def _prepare(
     except Exception as exc:
         outcome.status, outcome.reason = "refused", _unexpected(exc)
     else:
-        outcome.held = record.held_for_burned_in_text
+        outcome.held, outcome.values_corrected = record.held_for_burned_in_text, record.values_corrected
         return outcome, record
     return outcome, None
 
@@ -289,6 +290,7 @@ def _write_study(
         "instances_already_stored": sum(status == "duplicate" for status, _ in decisions),
         "instances_refused": sum(status == "refused" for status, _ in decisions),
         "held_for_burned_in_text": sum(r.held_for_burned_in_text for r in accepted),
+        "values_corrected": sum(r.values_corrected for r in accepted),
         "series": sorted(series_ids),
     }
     audit.record(session, actor, Action.STUDY_IMPORT, "study", study.id, details=details)
@@ -386,6 +388,8 @@ def _instance(series_id: int, record: InstanceRecord) -> Instance:
         pixel_hash=record.pixel_hash,
         storage_path=record.storage_path,
         held_for_burned_in_text=record.held_for_burned_in_text,
+        burned_in_text=record.burned_in_text or None,
+        deid_report=record.deid_report or None,
     )
 
 

@@ -141,12 +141,30 @@ def choose(driver, wait, label, option):
     wait.until(ec.element_to_be_clickable((By.XPATH, f"//*[@role='option'][normalize-space(.)='{option}']"))).click()
 
 
+def confirm_held_as_demo_reviewer(db) -> list[int]:
+    """The real VQA-RAD pictures carry MedPix marks, uploader names and dates: OCR holds them at import. The demo
+    reviewer confirms them first (as a reviewer would, on the Review page), so the clinician may ask."""
+    from medvqa.db import Instance, User
+    from medvqa.services.audit import Actor
+    from medvqa.services.images import confirm_no_burned_in_text
+
+    with db.read_session() as session:
+        reviewer = session.scalars(select(User).where(User.username == "reviewer.demo")).one()
+        held = session.scalars(
+            select(Instance.id).where(
+                Instance.held_for_burned_in_text.is_(True), Instance.burned_in_confirmed_by.is_(None)
+            )
+        ).all()
+    return confirm_no_burned_in_text(db, Actor("reviewer.demo", "reviewer", reviewer.id), list(held)) if held else []
+
+
 def test_demo_sign_in_ask_and_rate_in_a_real_browser(db, server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
+    confirm_held_as_demo_reviewer(db)
     wait = WebDriverWait(browser, 120)
     browser.get(server)
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[aria-label='Username']")))

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
+from PIL import Image, ImageDraw
 
 from compliance.policy import Action
 from medvqa.db import Verdict
 from medvqa.services.ask import replay_model_input
-from medvqa.services.images import confirm_no_burned_in_text
+from medvqa.services.images import clean_burned_in_text, confirm_no_burned_in_text
 from medvqa.services.queries import answer_detail
 from medvqa.services.review import (
     SIGNATURE_MEANINGS,
@@ -107,17 +108,44 @@ def held_tab(actor) -> None:
     if not rows:
         st.info("No instance is waiting for a burned-in text check.")
         return
-    st.caption("Look for names, dates or numbers burned into the pixels. Confirm only images that carry none.")
+    st.caption(
+        "Look for names, dates or numbers burned into the pixels. Confirm only images that carry none; "
+        "where the detector outlined text (red boxes), you can have those regions blacked out instead."
+    )
     for row in rows:
         volume = attempt(lambda row=row: resources.volume(actor, row["series_id"]))
         left, right = st.columns([1, 2])
+        boxes = row["text_boxes"]
         if volume is not None:
             index = volume.instance_uids.index(row["sop_instance_uid"])
-            left.image(render_slice(volume, index), clamp=True, caption=f"instance {row['instance_id']}")
-        right.text(f"study {row['study_id']}, {row['modality']}, instance {row['instance_id']}")
+            shown = outlined(render_slice(volume, index), [b for b in boxes if b["frame"] == 0])
+            left.image(shown, clamp=True, caption=f"instance {row['instance_id']}")
+        found = f"{len(boxes)} text region(s) detected" if boxes else "no text detected by OCR"
+        right.text(f"study {row['study_id']}, {row['modality']}, instance {row['instance_id']}: {found}")
         if right.button("Confirm: no burned-in text", key=f"confirm_{row['instance_id']}"):
             confirm = lambda row=row: confirm_no_burned_in_text(resources.database(), actor, [row["instance_id"]])  # noqa: E731
             perform(confirm, f"Instance {row['instance_id']} confirmed; questions about it are allowed now.")
+        if boxes and right.button("Black out the detected text", key=f"clean_{row['instance_id']}"):
+            clean = lambda row=row: clean_text(actor, row["instance_id"])  # noqa: E731
+            perform(clean, f"Instance {row['instance_id']}: text regions blacked out; questions are allowed now.")
+
+
+def clean_text(actor, instance_id):
+    """Pixel cleaning, then forget cached volumes: they still hold the pixels with the text."""
+    result = clean_burned_in_text(resources.database(), actor, resources.settings(), instance_id)
+    resources.forget_volumes()
+    return result
+
+
+def outlined(pixels, boxes):
+    """The slice as RGB with each detected word box drawn in red (boxes only: the text is never kept)."""
+    image = Image.fromarray(pixels).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for box in boxes:
+        draw.rectangle(
+            (box["left"], box["top"], box["left"] + box["width"], box["top"] + box["height"]), outline=(255, 0, 0)
+        )
+    return image
 
 
 def page() -> None:
