@@ -76,7 +76,12 @@ def test_upgrade_is_idempotent(db, cli_env):
 
 
 def test_demo_sets_up_the_embedded_default_and_can_run_twice(monkeypatch, tmp_path):
+    from tests.test_demo import fake_vqa_rad
+
     monkeypatch.setenv("MEDVQA_HOME", str(tmp_path / "home"))
+    # Three teaching images stand in for the 315 (the browser test imports real ones): each
+    # real one costs about a second of OCR on this machine, and this test is about the setup, not the images.
+    monkeypatch.setenv("MEDVQA_DEMO_DATA", str(fake_vqa_rad(tmp_path / "vqa")))
     for name in ("MEDVQA_DATABASE_URL", "MEDVQA_AUDIT_ANCHOR"):
         monkeypatch.delenv(name, raising=False)
     for _ in range(2):

@@ -19,6 +19,8 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, RLELossless
 
+from medvqa.imaging.reader import decode_pixels
+
 JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"}
 JPEG_LS_SYNTAXES = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
 J2K_SYNTAXES = {
@@ -47,7 +49,8 @@ def clean_pixel_data(ds: Dataset, pixels: np.ndarray) -> None:
             ds.compress(RLELossless, np.asarray(pixels), encoding_plugin="pydicom", generate_instance_uid=False)
         else:
             _reencapsulate(ds, syntax)
-        if _digest(np.asarray(ds.pixel_array)) == _digest(pixels):
+        # The one extra decode cleaning costs; decode_pixels keeps it, so the render check reads these back.
+        if _digest(decode_pixels(ds)) == _digest(pixels):
             return
     except Exception:
         pass
