@@ -94,10 +94,8 @@ def _digests(session: Session, name: str, keys: Iterable[int] | None) -> Iterato
     tracked = table(name)
     (pk,) = tracked.primary_key.columns
     query = select(tracked).order_by(pk)
-    if keys is not None:
-        query = query.where(pk.in_(list(keys)))
-    else:  # a whole table: streamed (a server-side cursor on PostgreSQL, too slow for a handful of rows)
-        query = query.execution_options(yield_per=2_000)
+    # A whole table is streamed (a server-side cursor on PostgreSQL, too slow for a handful of rows).
+    query = query.where(pk.in_(list(keys))) if keys is not None else query.execution_options(yield_per=2_000)
     for row in session.execute(query).mappings():
         yield int(row[pk.name]), row_digest(name, dict(row))
 
