@@ -2,12 +2,16 @@
 
 Each checked frame is windowed to 8 bit (min to max: burned-in text is usually drawn at the brightest or darkest
 value), upscaled so that its long side reaches `TARGET_SIDE` (text in medical images is small: 6-12 pixels high on a
-512 matrix), and read three times: as stored, inverted (tesseract reads dark on light best; annotations are
-usually white on black), and as a mask of its brightest values. The passes run as tesseract processes at once.
-A word counts when tesseract gives it a confidence of at least `MIN_CONFIDENCE` and it holds at least
-`MIN_CHARACTERS` letters or digits: names, dates and identifiers all do, while the single letters of orientation
-marks (R, L, A) and most noise do not; the figures behind both numbers are in README's Benchmarks
-(bench/ocr_bench.py).
+512 matrix), and read in up to five passes, run as tesseract processes at once: as stored; inverted (tesseract
+reads dark on light best; annotations are usually white on black); a mask of its brightest values; and the white
+and black top-hats of the frame, binarised (a grey opening or closing with a square a little larger than a text
+stroke removes the text and keeps the anatomy, so the difference keeps thin bright or dark strokes and drops
+the textured background that hides small text from the other passes).
+A word counts when one pass reads it with a confidence of at least `MIN_CONFIDENCE` and at least `MIN_CHARACTERS`
+letters or digits, or when at least `AGREEING_PASSES` passes read overlapping words with at least
+`WEAK_CONFIDENCE` and `WEAK_CHARACTERS`: real text is read by several passes at one place, noise in textured
+anatomy rarely is. Names, dates and identifiers count, while the single letters of orientation marks (R, L, A) do
+not; the figures behind these numbers are in README's Benchmarks (bench/ocr_bench.py).
 
 Only boxes and confidences leave this module: the recognised text is dropped here, never stored, logged or shown
 (it may be a name). Results are cached by pixel hash, so importing the same pixels again costs nothing.
@@ -29,13 +33,18 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-DETECTOR_VERSION = "medvqa.burned_in/2"
+DETECTOR_VERSION = "medvqa.burned_in/3"
 TARGET_SIDE = 2400  # upscale (at most MAX_UPSCALE times) until the long side reaches this many pixels
 MAX_UPSCALE = 4
 BRIGHT_THRESHOLD = 200  # of 255, after upscaling: the third pass keeps only what is this bright
 MAX_BRIGHT_SHARE = 0.12  # ... and runs only when that is sparse (text alone: 1-5% of an image; noise: 15% and more)
-MIN_CONFIDENCE = 60.0
-MIN_CHARACTERS = 3
+MIN_CONFIDENCE = 60.0  # one pass alone: this confident ...
+MIN_CHARACTERS = 4  # ... about this many letters or digits
+WEAK_CONFIDENCE = 40.0  # or several passes at one place: each this confident ...
+WEAK_CHARACTERS = 3  # ... about this many letters or digits ...
+AGREEING_PASSES = 2  # ... in this many passes
+AGREEMENT_OVERLAP = 0.3  # share of the smaller box two words must share to be at one place
+TOPHAT_FRACTION = 64  # the top-hat square's side: the frame's short side / this (odd, at least 5 pixels)
 MAX_FRAMES = 3  # first, middle and last frame of a multi-frame instance (cine text is static)
 TIMEOUT_S = 120
 BOX_MARGIN = 2  # pixels added around each word when boxes are mapped back to the image
@@ -192,46 +201,104 @@ def _frames(pixels: np.ndarray, samples_per_pixel: int) -> list[np.ndarray]:
 
 
 def prepared_images(frame: np.ndarray) -> tuple[float, list[Image.Image]]:
-    """The scale factor and the three images tesseract reads: as stored, inverted, and the brightest values alone
-    as black on white (annotations are drawn at the top of the range; over textured anatomy tesseract's own
-    binarisation loses them, a fixed threshold after upscaling keeps them)."""
-    grey = Image.fromarray(to_grey8(frame), mode="L")
-    scale = max(1.0, min(float(MAX_UPSCALE), TARGET_SIDE / max(grey.size)))
-    if scale > 1.0:
-        grey = grey.resize((round(grey.width * scale), round(grey.height * scale)), Image.Resampling.LANCZOS)
+    """The scale factor and the images tesseract reads: as stored, inverted, the brightest values alone (black on
+    white), and the white and black top-hats, binarised (text black on white)."""
+    grey8 = to_grey8(frame)
+    grey = _upscaled(grey8)
+    scale = grey.width / grey8.shape[1]
+    images = [grey, ImageOps.invert(grey)]
     bright = np.asarray(grey) >= BRIGHT_THRESHOLD
-    if bright.mean() > MAX_BRIGHT_SHARE:  # a bright picture, not sparse annotations: the mask would be noise
-        return scale, [grey, ImageOps.invert(grey)]
-    return scale, [grey, ImageOps.invert(grey), Image.fromarray(np.where(bright, 0, 255).astype(np.uint8), mode="L")]
+    if bright.mean() <= MAX_BRIGHT_SHARE:  # a bright picture, not sparse annotations: the mask would be noise
+        images.append(Image.fromarray(np.where(bright, 0, 255).astype(np.uint8), mode="L"))
+    side = max(5, (min(grey8.shape) // TOPHAT_FRACTION) | 1)
+    for white in (True, False):
+        images.append(_upscaled(_binarised(_top_hat(grey8, side, white))))
+    return scale, images
+
+
+def _upscaled(grey8: np.ndarray) -> Image.Image:
+    image = Image.fromarray(grey8, mode="L")
+    scale = max(1.0, min(float(MAX_UPSCALE), TARGET_SIDE / max(image.size)))
+    if scale > 1.0:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+    return image
+
+
+def _square_filter(values: np.ndarray, side: int, reduce: Any) -> np.ndarray:
+    """A grey erosion (reduce=np.min) or dilation (np.max) with a side x side square, one axis at a time."""
+    pad = side // 2
+    for axis in (0, 1):
+        widths = [(0, 0), (0, 0)]
+        widths[axis] = (pad, pad)
+        windows = np.lib.stride_tricks.sliding_window_view(np.pad(values, widths, mode="edge"), side, axis=axis)
+        values = reduce(windows, axis=-1)
+    return np.asarray(values)
+
+
+def _top_hat(grey8: np.ndarray, side: int, white: bool) -> np.ndarray:
+    """What an opening (white) or closing (black) with a side x side square removes: strokes thinner than it."""
+    values = grey8.astype(np.int16)
+    if white:
+        smoothed = _square_filter(_square_filter(values, side, np.min), side, np.max)
+        difference = values - smoothed
+    else:
+        smoothed = _square_filter(_square_filter(values, side, np.max), side, np.min)
+        difference = smoothed - values
+    return np.asarray(np.clip(difference, 0, 255), dtype=np.uint8)
+
+
+def _binarised(top_hat: np.ndarray) -> np.ndarray:
+    """Strong top-hat responses as black on white (half the 99.5th percentile, at least 40 of 255)."""
+    threshold = max(40, int(np.percentile(top_hat, 99.5) * 0.5))
+    return np.where(top_hat >= threshold, 0, 255).astype(np.uint8)
+
+
+Word = tuple[int, int, int, int, float, int]  # left, top, width, height, confidence, letters or digits
 
 
 def _frame_boxes(frame: np.ndarray, index: int) -> list[TextBox]:
     scale, images = prepared_images(frame)
     with ThreadPoolExecutor(max_workers=len(images)) as pool:
-        passes = list(pool.map(_words, images))
+        passes = list(pool.map(scored_words, images))
     height, width = frame.shape[:2]
     boxes = []
-    for words in passes:
-        for left, top, box_width, box_height, confidence in words:
-            x0 = max(0, int(left / scale) - BOX_MARGIN)
-            y0 = max(0, int(top / scale) - BOX_MARGIN)
-            x1 = min(width, int(np.ceil((left + box_width) / scale)) + BOX_MARGIN)
-            y1 = min(height, int(np.ceil((top + box_height) / scale)) + BOX_MARGIN)
-            if x1 > x0 and y1 > y0:
-                boxes.append(TextBox(index, x0, y0, x1 - x0, y1 - y0, round(confidence, 1)))
+    for left, top, box_width, box_height, confidence, _ in counted_words(passes):
+        x0 = max(0, int(left / scale) - BOX_MARGIN)
+        y0 = max(0, int(top / scale) - BOX_MARGIN)
+        x1 = min(width, int(np.ceil((left + box_width) / scale)) + BOX_MARGIN)
+        y1 = min(height, int(np.ceil((top + box_height) / scale)) + BOX_MARGIN)
+        if x1 > x0 and y1 > y0:
+            boxes.append(TextBox(index, x0, y0, x1 - x0, y1 - y0, round(confidence, 1)))
     return _unique(boxes)
 
 
-def _words(image: Image.Image) -> list[tuple[int, int, int, int, float]]:
-    """(left, top, width, height, confidence) of the words that count; the text itself stays in here."""
-    return [
-        (left, top, width, height, confidence)
-        for left, top, width, height, confidence, characters in scored_words(image)
-        if confidence >= MIN_CONFIDENCE and characters >= MIN_CHARACTERS
+def counted_words(
+    passes: list[list[Word]],
+    strong: tuple[float, int] = (MIN_CONFIDENCE, MIN_CHARACTERS),
+    weak: tuple[float, int] = (WEAK_CONFIDENCE, WEAK_CHARACTERS),
+    agreeing: int = AGREEING_PASSES,
+) -> list[Word]:
+    """The words that count as text: read strongly by one pass, or weakly by `agreeing` passes at one place."""
+    counted = [w for words in passes for w in words if w[4] >= strong[0] and w[5] >= strong[1]]
+    candidates = [
+        (number, w) for number, words in enumerate(passes) for w in words if w[4] >= weak[0] and w[5] >= weak[1]
     ]
+    for number, word in candidates:
+        seen_by = {other for other, w in candidates if other != number and _word_overlap(word, w) > AGREEMENT_OVERLAP}
+        if len(seen_by) + 1 >= agreeing:
+            counted.append(word)
+    return counted
 
 
-def scored_words(image: Image.Image) -> list[tuple[int, int, int, int, float, int]]:
+def _word_overlap(a: Word, b: Word) -> float:
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    return (width * height) / max(1, min(a[2] * a[3], b[2] * b[3]))
+
+
+def scored_words(image: Image.Image) -> list[Word]:
     """Every word tesseract reads: box, confidence and how many letters or digits it has (not what they are)."""
     import pytesseract
 
