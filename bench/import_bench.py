@@ -103,18 +103,23 @@ def step_breakdown(folder: Path) -> dict[str, float]:
     import os
 
     from compliance.deid import Deidentifier, DeidSettings
-    from medvqa.imaging.importer import _encode, hash_pixels
+    from medvqa.imaging.burned_in import TextDetector
+    from medvqa.imaging.importer import _encode, burned_in_check, hash_pixels
+    from medvqa.imaging.pixel_data import clean_pixel_data
     from medvqa.imaging.reader import ImportLimits, capture_decoded, decode_pixels, read_dicom
     from medvqa.imaging.render_check import check_renders
 
     deid, limits = Deidentifier(DeidSettings(b"bench key 32 bytes long.........")), ImportLimits()
+    detector = TextDetector(None)  # no cache: every slice is read, as on a first import
     steps = dict.fromkeys(
         [
             "bare dcmread+pixel_array",
             "read+checks",
             "decode",
             "pixel hash",
+            "burned-in text (OCR)",
             "de-identify",
+            "clean pixel data",
             "encode",
             "render check",
             "content hash",
@@ -133,10 +138,14 @@ def step_breakdown(folder: Path) -> dict[str, float]:
         marks.append(time.perf_counter())
         with capture_decoded() as decoded:
             pixels = decode_pixels(ds)
-        marks.append(time.perf_counter())
-        hash_pixels(pixels)
-        marks.append(time.perf_counter())
-        deid.deidentify(ds)
+            marks.append(time.perf_counter())
+            pixel_hash = hash_pixels(pixels)
+            marks.append(time.perf_counter())
+            burned_in_check(ds, pixels, pixel_hash, detector)
+            marks.append(time.perf_counter())
+            deid.deidentify_with_report(ds)
+            marks.append(time.perf_counter())
+            clean_pixel_data(ds, pixels)
         marks.append(time.perf_counter())
         encoded = _encode(ds)
         marks.append(time.perf_counter())
