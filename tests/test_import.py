@@ -6,7 +6,6 @@ import json
 import logging
 import struct
 import zipfile
-import zlib
 from pathlib import Path
 
 import hypothesis
@@ -24,6 +23,7 @@ from medvqa.db import AuditEvent, Base, Instance, Study
 from medvqa.errors import AccessDenied, ImportRefused, ImportSkipped
 from medvqa.services.studies import import_paths
 from tests import factories
+from tests.hostile_inputs import deflate_bomb
 from tests.phi_factory import encode, make_phi_slice, phi_strings, write_phi_series
 
 
@@ -151,20 +151,6 @@ def _nested(levels: int) -> bytes:
     return encode(make_phi_slice()) + body
 
 
-def _deflate_bomb() -> bytes:
-    """A valid preamble and file meta declaring Deflated Explicit VR, then 64 MiB of zeros deflated to ~64 KiB."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_file_meta_info
-
-    meta = make_phi_slice().file_meta
-    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
-    buffer = DicomBytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return buffer.getvalue() + compressor.compress(b"\x00" * (64 << 20)) + compressor.flush()
-
-
 BAD_INPUTS = [
     ("not DICOM at all", lambda: b"Patient report, nothing to see here\n" * 40, "not a DICOM file"),
     ("empty file", lambda: b"", "empty file"),
@@ -200,7 +186,7 @@ def test_bad_input_is_refused_with_one_clear_line(settings, label, build, reason
 
 
 def test_deflate_bomb_is_refused_before_inflating(settings):
-    data = _deflate_bomb()
+    data = deflate_bomb(64 << 20)  # 64 MiB of zeros deflated to ~64 KiB
     small = load_settings(home=settings.home, import_max_file_bytes=8 << 20)
     assert len(data) < 1 << 20
     with pytest.raises(ImportRefused, match="deflate"):
