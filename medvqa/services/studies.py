@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +26,7 @@ from medvqa.errors import DatabaseError, ImportRefused, ImportSkipped
 from medvqa.imaging.frames import is_colour
 from medvqa.imaging.importer import InstanceRecord, prepare_instance
 from medvqa.imaging.reader import ImportLimits, one_line
-from medvqa.imaging.sources import Listed, Source, is_zip, open_sources, read_bounded
+from medvqa.imaging.sources import Item, Listed, Source, is_zip, open_sources, read_bounded
 from medvqa.imaging.store import ContentStore, StoreLock
 from medvqa.services import audit
 from medvqa.services.access import authorize
@@ -97,13 +99,61 @@ def import_paths(db: Database, actor: Actor, paths: Sequence[Path], settings: Se
     instances that end up without a row are removed. Only a store or settings failure before the first input
     (or more inputs than MEDVQA_IMPORT_MAX_INSTANCES) stops the import, with one MedVQAError."""
     authorize(db, actor, Action.STUDY_IMPORT, "study")
+    return _run_import(db, actor, settings, lambda limits: open_sources(paths, limits))
+
+
+def import_received(
+    db: Database, actor: Actor, received: Sequence[Received], settings: Settings, via: str
+) -> ImportReport:
+    """Import instances that arrived over the network (retrieved from a PACS, or sent to `medvqa listen`)
+    through the same path as files: checks, de-identification, store, one audit event per study (its details
+    say `via`). The caller has authorised its own action (a PACS retrieve, a listener's association)."""
+    items: list[Item] = [_received_source(item) for item in received]
+    return _run_import(db, actor, settings, lambda _limits: contextlib.nullcontext(items), via)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One instance's bytes as they arrived, under a name for the report (never a PACS identifier), or why it
+    was refused before it could be read (too large)."""
+
+    name: str
+    data: bytes
+    refused: str = ""
+
+
+def _received_source(item: Received) -> Item:
+    if item.refused:
+        return Listed(item.name, "refused", item.refused)
+    data = item.data
+    return Source(item.name, len(data), lambda limit: data[: limit + 1])
+
+
+def stored_instance_uids(db: Database, uids: set[str]) -> set[str]:
+    """Those of the (de-identified) SOP Instance UIDs that the database already holds."""
+    found: set[str] = set()
+    ordered = sorted(uids)
+    with db.read_session() as session:
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start : start + 500]
+            found.update(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(chunk))))
+    return found
+
+
+def _run_import(
+    db: Database,
+    actor: Actor,
+    settings: Settings,
+    open_items: Callable[[ImportLimits], AbstractContextManager[list[Item]]],
+    via: str = "",
+) -> ImportReport:
     limits = import_limits(settings)
     deid, store = build_deidentifier(settings), ContentStore(settings.store_dir)
     report = ImportReport()
     with store.lock() as lock:
         report.swept = _sweep_after_interrupted_import(db, store, lock)
-        with store.import_marker() as marker, open_sources(paths, limits) as items:
-            _import_items(db, actor, items, deid, store, limits, report)
+        with store.import_marker() as marker, open_items(limits) as items:
+            _import_items(db, actor, items, deid, store, limits, report, via)
             report.left_in_store = _remove_unreferenced(db, store, lock)
             marker.keep = report.left_in_store > 0  # the next import that runs alone sweeps them
     return report
@@ -112,11 +162,12 @@ def import_paths(db: Database, actor: Actor, paths: Sequence[Path], settings: Se
 def _import_items(
     db: Database,
     actor: Actor,
-    items: list[Source | Listed],
+    items: list[Item],
     deid: Deidentifier,
     store: ContentStore,
     limits: ImportLimits,
     report: ImportReport,
+    via: str = "",
 ) -> None:
     prepared: dict[str, list[Prepared]] = defaultdict(list)
     for item in items:
@@ -126,7 +177,7 @@ def _import_items(
             prepared[record.study_uid].append((outcome, record))
     store.sync()  # the files must be on disk before any row points at them
     for study_items in prepared.values():
-        _save_study(db, actor, store, study_items)
+        _save_study(db, actor, store, study_items, via)
 
 
 def _sweep_after_interrupted_import(db: Database, store: ContentStore, lock: StoreLock) -> int:
@@ -155,7 +206,7 @@ def all_referenced_paths(db: Database) -> set[str]:
 
 
 def _prepare(
-    item: Source | Listed, deid: Deidentifier, store: ContentStore, limits: ImportLimits
+    item: Item, deid: Deidentifier, store: ContentStore, limits: ImportLimits
 ) -> tuple[FileOutcome, InstanceRecord | None]:
     """One input's outcome, and its record when it is ready to be written. Every exception becomes a refusal."""
     if isinstance(item, Listed):
@@ -196,7 +247,7 @@ def describe_unexpected(exc: BaseException) -> str:
 
 
 def _save_study(
-    db: Database, actor: Actor, store: ContentStore, items: list[tuple[FileOutcome, InstanceRecord]]
+    db: Database, actor: Actor, store: ContentStore, items: list[tuple[FileOutcome, InstanceRecord]], via: str = ""
 ) -> None:
     """Write one study's rows and audit event in one transaction; when it fails, its inputs are refused (their
     files are removed at the end of the import)."""
@@ -204,7 +255,7 @@ def _save_study(
     reason = ""
     for attempt in range(2):
         try:
-            study_id, decisions = write(db, lambda session: _write_study(session, actor, store, records))
+            study_id, decisions = write(db, lambda session: _write_study(session, actor, store, records, via))
             break
         except IntegrityError as exc:
             # A concurrent import may have inserted the same study, series or instance first: once more, it now
@@ -230,7 +281,7 @@ Decision = tuple[Status, str]
 
 
 def _write_study(
-    session: Session, actor: Actor, store: ContentStore, records: list[InstanceRecord]
+    session: Session, actor: Actor, store: ContentStore, records: list[InstanceRecord], via: str = ""
 ) -> tuple[int | None, list[Decision]]:
     """Study, series and new instances, and one audit event: all in the caller's transaction. An instance is
     refused here when the series it names belongs to another study, or when its image size or colour differs
@@ -293,6 +344,8 @@ def _write_study(
         "values_corrected": sum(r.values_corrected for r in accepted),
         "series": sorted(series_ids),
     }
+    if via:
+        details["via"] = via
     audit.record(session, actor, Action.STUDY_IMPORT, "study", study.id, details=details)
     return study.id, decisions
 
