@@ -325,6 +325,11 @@ class Deidentifier:
         """A valid UID (2.25 + 128-bit integer, at most 44 characters) derived from the original."""
         return f"2.25.{int.from_bytes(self._digest('uid', original.strip())[:16], 'big')}"
 
+    def keyed(self, purpose: str, value: str) -> str:
+        """A keyed identifier for a value that must not be stored in clear (a PACS's patient ID or accession
+        number in the audit trail): the same value gives the same 32 hex digits under the same site key."""
+        return self._digest(purpose, value.strip())[:16].hex()
+
     def pseudonym(self, ds: Dataset) -> str:
         """Stable per patient: keyed on PatientID and its issuer, else on the study."""
         patient_id = str(ds.get("PatientID", "") or "").strip()

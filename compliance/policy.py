@@ -43,6 +43,9 @@ class Action(enum.StrEnum):
     STUDY_IMPORT = "study:study:import"
     STUDY_LIST = "study:study:list"
     STUDY_VIEW = "study:study:view"
+    PACS_FIND = "pacs:study:find"
+    PACS_RETRIEVE = "pacs:study:retrieve"
+    PACS_RECEIVE = "pacs:association:receive"
     INSTANCE_CONFIRM = "study:instance:confirm_burned_in"
     INSTANCE_CLEAN = "study:instance:clean_burned_in"
     QUESTION_ASK = "answer:question:ask"
@@ -79,6 +82,9 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.STUDY_IMPORT: frozenset({_C, _ADM}),
     Action.STUDY_LIST: frozenset({_C, _R, _M, _A, _ADM}),  # de-identified metadata only
     Action.STUDY_VIEW: frozenset({_C, _R}),
+    Action.PACS_FIND: frozenset({_C, _R, _ADM}),  # the PACS's identifiers are shown, never stored
+    Action.PACS_RETRIEVE: frozenset({_C, _R, _ADM}),  # through the import path: de-identified, audited
+    Action.PACS_RECEIVE: frozenset({_ADM}),  # `medvqa listen`, started by an administrator
     Action.INSTANCE_CONFIRM: frozenset({_R}),
     Action.INSTANCE_CLEAN: frozenset({_R}),
     Action.QUESTION_ASK: frozenset({_C, _R}),

@@ -625,6 +625,10 @@ def _register_rounds() -> None:
     from medvqa.cli_rounds import rounds  # imports click only; torch loads when a round runs
 
     main.add_command(rounds)
+    from medvqa.cli_pacs import listen_command, pacs  # imports click only; the PACS libraries load when used
+
+    main.add_command(pacs)
+    main.add_command(listen_command)
 
 
 _register_rounds()

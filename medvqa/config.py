@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -153,6 +153,53 @@ class Settings(BaseSettings):
     vllm_timeout_s: float = Field(default=60.0, gt=0, le=600, description="Seconds to wait for the vLLM server.")
     vllm_system_role: bool = Field(
         default=True, description="False for chat templates without a system turn: instructions open the user turn."
+    )
+
+    dicomweb_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description="The PACS's DICOMweb root (QIDO-RS and WADO-RS), e.g. http://pacs:8042/dicom-web.",
+    )
+    dicomweb_username: str | None = Field(
+        default=None, description="Basic authentication user for the PACS (its password from the password file)."
+    )
+    dicomweb_password: SecretStr | None = Field(
+        default=None, description="Basic authentication password (prefer the password file)."
+    )
+    dicomweb_password_file: Path | None = Field(
+        default=None, description="File whose first line is the basic-authentication password (never on argv)."
+    )
+    dicomweb_token: SecretStr | None = Field(default=None, description="Bearer token for the PACS (or the token file).")
+    dicomweb_token_file: Path | None = Field(
+        default=None, description="File whose first line is a bearer token for the PACS (instead of basic auth)."
+    )
+    dicomweb_ca_bundle: Path | None = Field(
+        default=None, description="CA certificates (PEM) that sign the PACS's TLS certificate; default: system CAs."
+    )
+    dicomweb_verify_tls: bool = Field(
+        default=True, description="Verify the PACS's TLS certificate. Turn off only for a test PACS."
+    )
+    dicomweb_timeout_s: float = Field(default=30.0, gt=0, le=600, description="Seconds to wait for the PACS.")
+    dicomweb_retries: int = Field(
+        default=3, ge=0, le=10, description="Retries (with backoff) after a connection error or a 429/5xx answer."
+    )
+    dimse_pacs: str | None = Field(
+        default=None,
+        pattern=r"^[^@\\\s]{1,16}@[\w.\-\[\]:]+:\d{1,5}$",
+        description="A PACS reached over DIMSE (C-FIND, C-GET): 'AE_TITLE@host:port'.",
+    )
+    dimse_ae_title: str = Field(
+        default="MEDVQA", pattern=r"^[^\\\s]{1,16}$", description="medvqa's own AE title (listener and client)."
+    )
+    dimse_timeout_s: float = Field(default=30.0, gt=0, le=600, description="Seconds to wait on a DIMSE peer.")
+    listen_port: int = Field(default=11112, ge=1, le=65535, description="Port of `medvqa listen` (C-STORE SCP).")
+    listen_address: str = Field(
+        default="127.0.0.1", min_length=1, description="Address `medvqa listen` binds (0.0.0.0: every interface)."
+    )
+    listen_calling_aes: str = Field(
+        default="",
+        description="Calling AE titles that may send to `medvqa listen`, comma-separated, each optionally "
+        "'AE@host'; none by default (every association is rejected and audited).",
     )
 
     @classmethod

@@ -51,3 +51,7 @@ class ModelError(MedVQAError):
 
 class AdapterMismatch(ModelError):
     """A LoRA adapter does not fit the loaded base model (another base, other shapes or target modules)."""
+
+
+class PacsError(MedVQAError):
+    """A PACS could not be reached or refused a request; the message names the PACS, never a patient."""

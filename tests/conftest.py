@@ -24,6 +24,7 @@ from medvqa.config import normalize_database_url
 from medvqa.db.engine import Database, build_engine
 from medvqa.db.migrate import upgrade
 from tests import factories
+from tests import pacs_server as pacs_server_module
 
 SERVER_URL = os.environ.get("MEDVQA_TEST_DATABASE_URL")
 DB_FIXTURES = {"db", "database_url", "cli_env"}
@@ -130,3 +131,25 @@ def clinician(db: Database) -> factories.Actor:
 @pytest.fixture
 def answer_id(db: Database, clinician: factories.Actor) -> int:
     return factories.make_answer(db, clinician)
+
+
+@pytest.fixture(scope="session")
+def pacs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pacs_server_module.Orthanc]:
+    """A real Orthanc (DICOMweb and DIMSE) for the whole run, seeded by the tests that use it."""
+    reason = pacs_server_module.missing()
+    if reason:
+        pytest.skip(reason)
+    server = pacs_server_module.Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def pacs_env(
+    pacs_server: pacs_server_module.Orthanc, cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """cli_env plus the settings that point medvqa at the test PACS."""
+    env = pacs_server.settings_env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return {**cli_env, **env}
