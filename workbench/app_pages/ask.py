@@ -8,8 +8,10 @@ import streamlit as st
 
 from compliance.policy import Action
 from medvqa.imaging.series import Window
+from medvqa.pacs.query import StudyQuery
 from medvqa.services.ask import QUESTION_TEMPLATES, AskResult, ImageChoice, ask, fill_template
 from medvqa.services.feedback import FeedbackInput, give_feedback
+from medvqa.services.pacs import find_studies, retrieve_study
 from medvqa.services.queries import StudyFilter, search_studies, study_series
 from medvqa.services.viewer import instance_metadata, render_slice, thumbnails, window_choices
 from workbench import resources
@@ -18,6 +20,73 @@ from workbench.auth import attempt, require
 VERDICTS = {"correct": "Correct", "partial": "Partly correct", "incorrect": "Incorrect"}
 FREE_TEXT = "free text"
 SCOPES = ("this slice", "chosen slices", "the study (key slice)")
+
+
+def pacs_panel(actor):
+    """Find in PACS: search the configured PACS, retrieve a study through the import path, open it. The PACS's
+    identifiers stay in this session only; the audit trail keeps keyed filters and the pseudonymous study."""
+    settings = resources.settings()
+    vias = [
+        via for via, configured in (("dicomweb", settings.dicomweb_url), ("dimse", settings.dimse_pacs)) if configured
+    ]
+    if not vias:
+        return
+    with st.expander("Find in PACS", expanded=not st.session_state.get("pacs_results")):
+        with st.form("pacs_find"):
+            left, middle, right, far = st.columns(4)
+            patient_id = left.text_input("Patient ID (* and ? match any)", key="pacs_patient_id")
+            accession = middle.text_input("Accession number", key="pacs_accession")
+            modality = right.text_input("Modality", placeholder="CT", key="pacs_modality")
+            dates = far.text_input("Study date", placeholder="20240101-20240131", key="pacs_dates")
+            via = st.radio("Through", vias, horizontal=True, key="pacs_via") if len(vias) > 1 else vias[0]
+            searched = st.form_submit_button("Search the PACS")
+        if searched:
+            query = attempt(lambda: StudyQuery.build(patient_id, accession, modality, dates))
+            found = attempt(lambda: find_studies(resources.database(), actor, query, settings, via)) if query else None
+            st.session_state["pacs_results"] = None if found is None else (via, [s.as_dict() for s in found])
+        results = st.session_state.get("pacs_results")
+        if not results:
+            return
+        via, rows = results
+        if not rows:
+            st.info("The PACS has no study that matches.")
+            return
+        st.dataframe(rows, hide_index=True, width="stretch")
+        labels = {
+            row["study_uid"]: f"{row['study_date'] or '-'} {'/'.join(row['modalities'])} {row['description']} "
+            f"({row['instances'] if row['instances'] is not None else '?'} images)"
+            for row in rows
+        }
+        chosen = st.selectbox(
+            "Study to retrieve", list(labels), format_func=labels.__getitem__, index=None, key="pacs_choice"
+        )
+        if st.button("Retrieve", disabled=chosen is None, key="pacs_retrieve"):
+            _retrieve(actor, settings, chosen, via)
+
+
+def _retrieve(actor, settings, study_uid, via):
+    bar = st.progress(0.0, text="Retrieving...")
+
+    def progress(done, total):
+        bar.progress(done / total if total else 1.0, text=f"{done} of {total} image(s) retrieved")
+
+    db = resources.database()
+    report = attempt(lambda: retrieve_study(db, actor, study_uid, settings, via=via, progress=progress))
+    if report is None:
+        return
+    summary = report.as_dict()
+    counts = (
+        f"{summary['imported']} imported, {report.already_stored} already here, {summary['refused']} refused, "
+        f"{summary['held']} held for a burned-in text check"
+    )
+    if not report.complete:
+        st.warning(f"The transfer stopped ({report.stopped}); {counts}. Retrieve again to complete it.")
+    elif summary["refused"]:
+        st.warning(f"Retrieved with refusals: {counts}.")
+    if report.study_ids:
+        st.session_state["study_id"] = report.study_ids[0]
+        st.session_state["pacs_notice"] = f"Retrieved: {counts}. The study is open below."
+        st.rerun()
 
 
 def study_picker(actor):
@@ -187,6 +256,10 @@ def feedback_form(actor, result: AskResult):
 def page():
     actor = require(Action.QUESTION_ASK)
     st.title("Ask")
+    notice = st.session_state.pop("pacs_notice", None)
+    if notice:
+        st.success(notice)
+    pacs_panel(actor)
     study = study_picker(actor)
     if study is None:
         return
