@@ -184,7 +184,7 @@ def import_command(paths: tuple[Path, ...], as_json: bool) -> None:
     except MedVQAError:
         raise
     except Exception as exc:  # a defect outside any one input: one line, never a traceback
-        from medvqa.services.studies import describe_unexpected
+        from medvqa.services.preparation import describe_unexpected
 
         raise MedVQAError(
             f"the import stopped on {describe_unexpected(exc)}; files it stored without rows are removed by "

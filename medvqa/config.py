@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         default=300_000_000, gt=0, description="Most samples (rows x columns x frames x samples) in one instance."
     )
     import_max_instances: int = Field(default=20_000, gt=0, description="Most files in one import.")
+    import_workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Worker processes that prepare an import's files in parallel (1: in the importing process); "
+        "default: one per CPU core, at most 8.",
+    )
 
     base_model: Path | None = Field(
         default=None,
@@ -250,6 +257,12 @@ class Settings(BaseSettings):
     @property
     def demo_data_dir(self) -> Path:
         return self.demo_data or Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa-rad"
+
+    @property
+    def import_workers_count(self) -> int:
+        if self.import_workers is not None:
+            return self.import_workers
+        return max(1, min(os.cpu_count() or 1, 8))
 
     @property
     def store_dir(self) -> Path:

@@ -212,16 +212,16 @@ def test_files_of_a_study_whose_database_write_fails_are_removed(db, settings, t
 def test_an_unforeseen_error_in_one_input_is_that_inputs_refusal(db, settings, tmp_path, monkeypatch, caplog):
     """Fault injection: whatever the per-input path raises (here a KeyError quoting a fake identifier) refuses
     that input with its type and place, never its message, and the rest of the import goes on."""
-    from medvqa.services import studies
+    from medvqa.services import preparation
 
-    real = studies.prepare_instance
+    real = preparation.prepare_instance
 
     def flaky(data, *args):
         if b"4444444444444444" + b"0001" in data:
             raise KeyError("Phisurname^Phigiven")
         return real(data, *args)
 
-    monkeypatch.setattr(studies, "prepare_instance", flaky)
+    monkeypatch.setattr(preparation, "prepare_instance", flaky)
     for index in range(3):
         (tmp_path / f"s{index}.dcm").write_bytes(hostile.valid_dicom(index))
     report = import_paths(db, factories.OPERATOR, sorted(tmp_path.glob("s*.dcm")), settings)

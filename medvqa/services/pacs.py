@@ -21,9 +21,9 @@ from medvqa.errors import InvalidInput, NotFound, PacsError
 from medvqa.pacs.query import Fetched, PacsStudy, RemoteInstance, StudyQuery, check_uid
 from medvqa.services import audit
 from medvqa.services.access import authorize
+from medvqa.services.preparation import FileOutcome
 from medvqa.services.queries import study_id_for
 from medvqa.services.studies import (
-    FileOutcome,
     Received,
     build_deidentifier,
     import_received,
@@ -38,8 +38,7 @@ if TYPE_CHECKING:
     from medvqa.services.audit import Actor
 
 Via = Literal["dicomweb", "dimse"]
-BATCH_INSTANCES = 32
-BATCH_BYTES = 128 << 20
+BATCH_INSTANCES = 128  # each batch commits on its own: a cut transfer keeps every batch before it
 Progress = Callable[[int, int], None]  # (instances done, instances to download)
 
 

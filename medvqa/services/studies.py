@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pydicom
 from sqlalchemy import Integer, func, select
@@ -22,41 +21,20 @@ from compliance.policy import Action
 from medvqa.config import Settings
 from medvqa.db import Instance, Series, Study
 from medvqa.db.engine import Database
-from medvqa.errors import DatabaseError, ImportRefused, ImportSkipped
+from medvqa.errors import DatabaseError
 from medvqa.imaging.frames import is_colour
-from medvqa.imaging.importer import InstanceRecord, prepare_instance
+from medvqa.imaging.importer import InstanceRecord
 from medvqa.imaging.reader import ImportLimits, one_line
-from medvqa.imaging.sources import Item, Listed, Source, is_zip, open_sources, read_bounded
+from medvqa.imaging.sources import Item, Listed, Source, open_sources
 from medvqa.imaging.store import ContentStore, StoreLock
 from medvqa.services import audit
 from medvqa.services.access import authorize
 from medvqa.services.audit import Actor
+from medvqa.services.preparation import FileOutcome, Preparer, Status, unexpected
 from medvqa.services.transaction import write
 
-Status = Literal["imported", "duplicate", "refused", "skipped"]
 STATUSES: tuple[Status, ...] = ("imported", "duplicate", "refused", "skipped")
-Prepared = tuple["FileOutcome", InstanceRecord]
-HELD_NOTE = "held until a reviewer confirms there is no burned-in text"
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FileOutcome:
-    """What became of one input (a file, a zip member, a DICOMDIR entry, a folder entry): one line each."""
-
-    source: str
-    status: Status
-    reason: str = ""
-    study_id: int | None = None
-    held: bool = False
-    values_corrected: int = 0  # retained values replaced or removed as invalid for their VR (never the values)
-
-    def line(self) -> str:
-        if self.status == "imported":
-            return f"imported: {self.source}" + (f" ({HELD_NOTE})" if self.held else "")
-        if self.status == "duplicate":
-            return f"already stored: {self.source}"
-        return f"{self.status}: {self.source}: {self.reason}"
 
 
 @dataclass
@@ -153,7 +131,7 @@ def _run_import(
     with store.lock() as lock:
         report.swept = _sweep_after_interrupted_import(db, store, lock)
         with store.import_marker() as marker, open_items(limits) as items:
-            _import_items(db, actor, items, deid, store, limits, report, via)
+            _import_items(db, actor, items, deid, store, limits, report, via, settings.import_workers_count)
             report.left_in_store = _remove_unreferenced(db, store, lock)
             marker.keep = report.left_in_store > 0  # the next import that runs alone sweeps them
     return report
@@ -168,15 +146,16 @@ def _import_items(
     limits: ImportLimits,
     report: ImportReport,
     via: str = "",
+    workers: int = 1,
 ) -> None:
-    prepared: dict[str, list[Prepared]] = defaultdict(list)
-    for item in items:
-        outcome, record = _prepare(item, deid, store, limits)
+    preparer = Preparer(deid.settings, store.root, limits)
+    by_study: dict[str, list[tuple[FileOutcome, InstanceRecord]]] = defaultdict(list)
+    for outcome, record in preparer.prepare_all(items, store, workers):
         report.outcomes.append(outcome)
         if record is not None:
-            prepared[record.study_uid].append((outcome, record))
+            by_study[record.study_uid].append((outcome, record))
     store.sync()  # the files must be on disk before any row points at them
-    for study_items in prepared.values():
+    for study_items in by_study.values():
         _save_study(db, actor, store, study_items, via)
 
 
@@ -205,47 +184,6 @@ def all_referenced_paths(db: Database) -> set[str]:
         return set(session.scalars(select(Instance.storage_path)))
 
 
-def _prepare(
-    item: Item, deid: Deidentifier, store: ContentStore, limits: ImportLimits
-) -> tuple[FileOutcome, InstanceRecord | None]:
-    """One input's outcome, and its record when it is ready to be written. Every exception becomes a refusal."""
-    if isinstance(item, Listed):
-        return FileOutcome(item.name, item.status, one_line(item.reason)), None
-    outcome = FileOutcome(item.name, "imported")
-    try:
-        data = read_bounded(item, limits)
-        if item.container == "zip" and is_zip(data[:4]):
-            raise ImportRefused("a zip archive inside a zip archive is not opened (unpack it first)")
-        record = prepare_instance(data, deid, store, limits)
-    except ImportSkipped as exc:
-        outcome.status, outcome.reason = "skipped", one_line(str(exc))
-    except ImportRefused as exc:
-        outcome.status, outcome.reason = "refused", one_line(str(exc))
-    except OSError as exc:
-        outcome.status, outcome.reason = "refused", f"could not be read or stored: {exc.strerror or type(exc).__name__}"
-    except Exception as exc:
-        outcome.status, outcome.reason = "refused", _unexpected(exc)
-    else:
-        outcome.held, outcome.values_corrected = record.held_for_burned_in_text, record.values_corrected
-        return outcome, record
-    return outcome, None
-
-
-def _unexpected(exc: BaseException) -> str:
-    """A refusal line for an error nobody foresaw: its type and where it was raised (no message, which may quote
-    a value of the file); the log gets the same, so it can be found and fixed."""
-    described = describe_unexpected(exc)
-    log.warning("import: %s; the input was refused", described)
-    return f"{described}; nothing of it was kept"
-
-
-def describe_unexpected(exc: BaseException) -> str:
-    """'unexpected error (KeyError at frames.py:123)': the type and the innermost place, never the message."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-    return f"unexpected error ({type(exc).__name__}{where})"
-
-
 def _save_study(
     db: Database, actor: Actor, store: ContentStore, items: list[tuple[FileOutcome, InstanceRecord]], via: str = ""
 ) -> None:
@@ -267,7 +205,7 @@ def _save_study(
         except DatabaseError as exc:
             reason = one_line(str(exc))
         except Exception as exc:
-            reason = _unexpected(exc)
+            reason = unexpected(exc)
         for outcome, _ in items:
             outcome.status, outcome.reason, outcome.held = "refused", reason, False
         return
