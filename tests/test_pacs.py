@@ -319,3 +319,110 @@ def test_pacs_settings_are_checked(monkeypatch, tmp_path):
     monkeypatch.delenv("MEDVQA_DICOMWEB_URL", raising=False)
     with pytest.raises(Exception, match="MEDVQA_DICOMWEB_URL is not set"):
         pacs_service.connect(load_settings(home=tmp_path), "dicomweb")
+
+
+@contextlib.contextmanager
+def https_dicomweb(folder: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTPS DICOMweb endpoint with a self-signed certificate for 127.0.0.1 (openssl) that finds no study.
+    (Debian's Orthanc 1.10 exits on its first HTTPS connection with this OpenSSL, so TLS is tried on this.)"""
+    import http.server
+    import ssl
+    import subprocess
+
+    from tests.pacs_server import free_port
+
+    certificate, key = folder / "certificate.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(certificate),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+    class NoStudies(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), NoStudies)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}/dicom-web", certificate
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tls_is_verified_and_a_ca_bundle_lets_a_private_ca_through(db, cli_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDVQA_DICOMWEB_RETRIES", "0")
+    with https_dicomweb(tmp_path) as (url, certificate):
+        monkeypatch.setenv("MEDVQA_DICOMWEB_URL", url)
+        refused = CliRunner().invoke(main, ["pacs", "find", "--modality", "CT"])
+        assert (refused.exit_code, refused.stdout) == (1, "")
+        assert refused.stderr == (
+            f"medvqa: error: the PACS at {url} failed TLS verification: set MEDVQA_DICOMWEB_CA_BUNDLE to the CA "
+            "that signed it\n"
+        )
+        monkeypatch.setenv("MEDVQA_DICOMWEB_CA_BUNDLE", str(certificate))
+        found = CliRunner().invoke(main, ["pacs", "find", "--modality", "CT"])
+        assert (found.exit_code, found.stdout) == (0, "0 study(ies)\n"), found.output
+        monkeypatch.setenv("MEDVQA_DICOMWEB_CA_BUNDLE", str(tmp_path / "missing.pem"))
+        missing = CliRunner().invoke(main, ["pacs", "find", "--modality", "CT"])
+        assert missing.stderr.startswith("medvqa: error: MEDVQA_DICOMWEB_CA_BUNDLE: no such file")
+
+
+def test_listen_stops_on_sigterm_after_importing_what_it_received(db, pacs_env, seeded, pacs_server):
+    """`medvqa listen` as the service runs it: one log line per association, a clean exit on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medvqa.cli", "listen"], env=pacs_env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                sent = pacs_server.send_to_listener(seeded["ct"].study_uid)
+                break
+            except Exception:  # not listening yet
+                time.sleep(0.2)
+        assert sent["InstancesCount"] == 6 and sent["FailedInstancesCount"] == 0
+        process.send_signal(signal.SIGTERM)
+        _, log = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, log
+    lines = [line for line in log.splitlines() if "association from" in line]
+    assert len(lines) == 1 and "ORTHANC@127.0.0.1: 6 received, 6 imported" in lines[0]
+    assert "Traceback" not in log and seeded["ct"].patient_id not in log
+    with db.read_session() as session:
+        assert session.query(Instance).count() == 6

@@ -39,6 +39,7 @@ class DicomWeb:
             raise ConfigError("MEDVQA_DICOMWEB_URL is not set: name the PACS's DICOMweb root (http://pacs/dicom-web)")
         self.url = settings.dicomweb_url.rstrip("/")
         self.max_bytes = settings.import_max_file_bytes
+        self.timeout = settings.dicomweb_timeout_s
         self.session = _session(settings)
 
     def __enter__(self) -> DicomWeb:
@@ -101,7 +102,8 @@ class DicomWeb:
     def _qido(self, call: Any) -> list[dict[str, Any]]:
         from dicomweb_client.api import DICOMwebClient
 
-        client = DICOMwebClient(self.url, session=self.session)
+        client = DICOMwebClient(self.url, session=self.session, timeout=self.timeout)
+        client.set_http_retry_params(retry=False)  # the session retries (MEDVQA_DICOMWEB_RETRIES), not on TLS errors
         try:
             return list(call(client) or [])
         except Exception as exc:
@@ -120,6 +122,8 @@ def _session(settings: Settings) -> requests.Session:
     class TimedSession(requests.Session):
         def request(self, *args: Any, **kwargs: Any) -> requests.Response:
             kwargs.setdefault("timeout", settings.dicomweb_timeout_s)
+            # Explicit, so that REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the environment cannot replace the setting.
+            kwargs.setdefault("verify", self.verify)
             return super().request(*args, **kwargs)
 
         def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
