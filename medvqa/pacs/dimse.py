@@ -13,6 +13,7 @@ so nothing acknowledged is lost; the caller imports each association's spool whe
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -38,6 +39,7 @@ STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Informat
 STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
 VERIFICATION = "1.2.840.10008.1.1"
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")
+SENDER_FILE = "sender.json"  # in each spool folder: who sent it, for a spool imported after a restart
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_REFUSED = 0xA900  # Error: data set does not match SOP class (used for what this listener may not take)
 _PEER = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>[\w.\-\[\]:]+):(?P<port>\d{1,5})$")
@@ -302,6 +304,16 @@ class Delivery:
     received: int = 0
     refused: list[str] = field(default_factory=list)
 
+    @classmethod
+    def left_over(cls, spool: Path) -> Delivery:
+        """A spool a stopped listener left, with its sender when it was recorded."""
+        try:
+            sender = json.loads((spool / SENDER_FILE).read_text())
+            ae_title, host = str(sender["ae_title"]), str(sender["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            ae_title, host = "(unknown)", ""
+        return cls(ae_title, host, spool, len(list(spool.glob("*.dcm"))))
+
 
 DeliveryDone = Callable[[Delivery], None]
 DeliveryDenied = Callable[[str, str, str], None]  # (calling AE title, host, reason)
@@ -393,6 +405,7 @@ class StorageListener:
             return
         spool = self.spool_root / f"{uuid.uuid4().hex}"
         spool.mkdir(mode=0o700)
+        (spool / SENDER_FILE).write_text(json.dumps({"ae_title": ae_title, "host": host}))
         with self._lock:
             self._associations[id(event.assoc)] = Delivery(ae_title, host, spool)
 

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compliance.policy import Action
+from medvqa.errors import MedVQAError
 from medvqa.pacs.dimse import Delivery, StorageListener
 from medvqa.services import audit
 from medvqa.services.access import authorize
+from medvqa.services.preparation import describe_unexpected
 from medvqa.services.studies import ImportReport, Received, import_received
 from medvqa.services.transaction import write
 
@@ -61,7 +63,7 @@ def listen(
     listener = StorageListener(settings, root, pending.put, denied, port, ae_title)
     for leftover in sorted(root.glob("*")) if root.is_dir() else []:
         if leftover.is_dir():  # received by a listener that stopped before importing it
-            pending.put(Delivery("(earlier run)", "", leftover, len(list(leftover.glob("*.dcm")))))
+            pending.put(Delivery.left_over(leftover))
     listener.start()
     log.info("listening on %s:%d as %s", listener.address, listener.bound_port, listener.ae_title)
     if on_ready:
@@ -74,18 +76,38 @@ def listen(
                 if stop.is_set():
                     listener.stop()  # hands over associations still open
                 continue
-            import_association(db, actor, settings, association)
+            _import_or_keep(db, actor, settings, association)
     finally:
         listener.stop()
         while not pending.empty():
-            import_association(db, actor, settings, pending.get())
+            _import_or_keep(db, actor, settings, pending.get())
     log.info("stopped")
+
+
+def _import_or_keep(db: Database, actor: Actor, settings: Settings, association: Delivery) -> None:
+    """Import an association; when that fails (the database is down), keep its spool for the next start and
+    go on listening: what was acknowledged is never lost."""
+    try:
+        import_association(db, actor, settings, association)
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, MedVQAError) else describe_unexpected(exc)
+        log.error(
+            "association from %s@%s: not imported (%s); kept in %s and imported at the next start",
+            _clean(association.ae_title),
+            association.host,
+            reason,
+            association.spool,
+        )
 
 
 def import_association(db: Database, actor: Actor, settings: Settings, association: Delivery) -> ImportReport:
     """Import one association's spool in batches, audit it, log one line, and remove the spool."""
     files = sorted(association.spool.glob("*.dcm"))
     report = ImportReport()
+    if not files and not association.refused:  # a C-ECHO, or nothing sent: a log line, no audit event
+        log.info("association from %s@%s: nothing sent", _clean(association.ae_title), association.host)
+        shutil.rmtree(association.spool, ignore_errors=True)
+        return report
     for start in range(0, len(files), BATCH_FILES):
         batch = [
             Received(f"instance {start + n + 1} of {len(files)}", path.read_bytes())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from medvqa.services.audit import Actor
 
 Via = Literal["dicomweb", "dimse"]
-BATCH_INSTANCES = 128  # each batch commits on its own: a cut transfer keeps every batch before it
+BATCH_INSTANCES = 64  # each batch commits on its own: a cut transfer keeps every batch before it
 Progress = Callable[[int, int], None]  # (instances done, instances to download)
 
 
@@ -165,18 +166,14 @@ def retrieve_study(
         report.stopped = str(exc)
     with contextlib.suppress(NotFound):
         report.stored_study_id = study_id_for(db, report.study_uid)
+    if report.listed == 0 and report.complete:
+        message = "the PACS lists no instances for that study (check the UID with `medvqa pacs find`)"
+        _audit(db, actor, Action.PACS_RETRIEVE, None, {**details, "error": message}, "failed")
+        raise NotFound(message)
     summary = {key: value for key, value in report.as_dict().items() if key not in ("files", "study_uid")}
     outcome = "success" if report.complete else "failed"
-    _audit(
-        db,
-        actor,
-        Action.PACS_RETRIEVE,
-        report.study_ids[0] if report.study_ids else None,
-        {**details, **summary},
-        outcome,
-    )
-    if report.listed == 0 and report.complete:
-        raise NotFound("the PACS lists no instances for that study (check the UID with `medvqa pacs find`)")
+    study_id = report.study_ids[0] if report.study_ids else None
+    _audit(db, actor, Action.PACS_RETRIEVE, study_id, {**details, **summary}, outcome)
     return report
 
 
@@ -201,14 +198,21 @@ def _transfer(
     done = 0
     if progress:
         progress(0, len(wanted))
-    for batch in _batches(wanted):
-        received = pacs.fetch_many(batch)  # raises PacsError when the transfer breaks: earlier batches stay
-        named = [Received(names[i.sop_uid], r.data, r.refused) for i, r in zip(batch, received, strict=True)]
-        imported = import_received(db, actor, named, settings, via)
-        report.outcomes.extend(imported.outcomes)
-        done += len(batch)
-        if progress:
-            progress(done, len(wanted))
+    batches = _batches(wanted)
+    # The next batch downloads while this one is imported; a failed download (PacsError) surfaces when its
+    # batch is reached, after every earlier batch was imported and committed.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvqa-pacs-fetch") as downloader:
+        upcoming = downloader.submit(pacs.fetch_many, batches[0]) if batches else None
+        for number, batch in enumerate(batches):
+            assert upcoming is not None
+            received = upcoming.result()
+            upcoming = downloader.submit(pacs.fetch_many, batches[number + 1]) if number + 1 < len(batches) else None
+            named = [Received(names[i.sop_uid], r.data, r.refused) for i, r in zip(batch, received, strict=True)]
+            imported = import_received(db, actor, named, settings, via)
+            report.outcomes.extend(imported.outcomes)
+            done += len(batch)
+            if progress:
+                progress(done, len(wanted))
 
 
 def _batches(instances: list[RemoteInstance]) -> list[list[RemoteInstance]]:
