@@ -20,6 +20,7 @@ from medvqa.cli_support import json_option as _json_option
 from medvqa.cli_support import open_database as _open_database
 from medvqa.cli_support import operator as _operator
 from medvqa.cli_support import signed_in as _signed_in
+from medvqa.cli_support import study_line as _study_line
 from medvqa.errors import MedVQAError
 
 if TYPE_CHECKING:
@@ -254,12 +255,6 @@ def studies_list(as_json: bool) -> None:
     rows = list_studies(_open_database(), _operator())
     text = "\n".join(_study_line(row) for row in rows)
     _emit(as_json, {"studies": rows}, text or "no studies")
-
-
-def _study_line(row: dict[str, Any]) -> str:
-    held = f" ({row['held']} held)" if row["held"] else ""
-    counts = f"{row['series']} series, {row['instances']} instances{held}"
-    return f"{row['id']:>5}  {row['modality']:<4} {row['body_part'] or '-':<10} {counts}  {row['study_uid']}"
 
 
 @main.command("eval")

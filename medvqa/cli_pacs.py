@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from medvqa.cli_support import OneLineErrorGroup
+from medvqa.cli_support import OneLineErrorGroup, study_line
 from medvqa.cli_support import emit as _emit
 from medvqa.cli_support import json_option as _json_option
 from medvqa.cli_support import open_database as _open_database
@@ -120,6 +120,10 @@ def pacs_retrieve(study_uid: str, series_uid: str | None, dimse: bool, username:
         f"{report.listed} instance(s); {report.already_stored} were already stored, {summary['imported']} imported, "
         f"{summary['refused']} refused, {summary['held']} held until a reviewer confirms there is no burned-in text"
     )
+    if report.study_ids:
+        from medvqa.services.studies import list_studies
+
+        lines += [study_line(row) for row in list_studies(database, actor) if row["id"] in report.study_ids]
     if not report.complete:
         lines.append(
             f"the transfer stopped: {report.stopped}; {report.not_transferred} instance(s) not transferred. "

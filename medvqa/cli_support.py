@@ -147,3 +147,10 @@ def signed_in(database: Database, username: str) -> Actor:
     if not password:
         raise MedVQAError("no password on standard input (give it on the first line)")
     return authenticate(database, username, password, LOCAL_SOURCE, ThrottleSettings.from_settings(load_settings()))
+
+
+def study_line(row: dict[str, Any]) -> str:
+    """One study as `medvqa studies list` prints it."""
+    held = f" ({row['held']} held)" if row["held"] else ""
+    counts = f"{row['series']} series, {row['instances']} instances{held}"
+    return f"{row['id']:>5}  {row['modality']:<4} {row['body_part'] or '-':<10} {counts}  {row['study_uid']}"
