@@ -85,6 +85,15 @@ def test_rating_is_one_record_even_when_submitted_twice(db, app_env, ct_study, c
     ]
 
 
+def test_no_rating_is_preselected_and_submitting_without_one_records_nothing(db, app_env, ct_study, clinician):
+    app = ask_about_slice(signed_in(clinician))
+    assert app.radio[-1].value is None
+    by_label(app, "Submit rating").click().run()
+    assert errors(app) == ["Choose Correct, Partly correct or Incorrect first: nothing was recorded."]
+    with db.read_session() as session:
+        assert session.scalar(select(func.count()).select_from(Feedback)) == 0
+
+
 def test_study_search_filters_the_list(db, app_env, ct_study, clinician):
     app = signed_in(clinician).run()
     app.text_input(key="f_text").input("no-such-study").run()

@@ -20,7 +20,8 @@ def by_label(app, label):
 
 
 def adjudicate_in_app(app, verdict, reference, password):
-    app.radio[0].set_value(verdict)
+    if verdict is not None:
+        app.radio[0].set_value(verdict)
     app.text_input[0].input(reference)
     app.text_input[1].input(password)
     by_label(app, "Sign and submit").click()
@@ -40,6 +41,11 @@ def test_review_queue_adjudication_with_signature_and_double_reading(db, app_env
     assert app.selectbox(key="r_answer").value == answer.answer_id
     assert answer.text in [element.value for element in app.text]
     assert any(image.proto.imgs[0].caption == "the image the model saw" for image in app.get("image"))
+    assert app.radio[0].value is None  # no verdict preselected
+    app = adjudicate_in_app(app, None, "no fracture", factories.PASSWORD)
+    assert errors(app) == ["Choose a verdict first: nothing was signed or recorded."]
+    with db.read_session() as session:
+        assert session.scalars(select(Review)).all() == []
     app = adjudicate_in_app(app, "incorrect", "no fracture", "not my password")
     assert errors(app) == ["signature refused: the password does not match the signed-in account"]
     app = adjudicate_in_app(app, "incorrect", "no fracture", factories.PASSWORD)

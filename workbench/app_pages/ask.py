@@ -239,11 +239,16 @@ def feedback_form(actor, result: AskResult):
         st.success(f"Your rating is recorded (feedback #{done}).")
         return
     with st.form(f"feedback_{result.answer_id}"):
-        verdict = st.radio("Rate the answer", list(VERDICTS), format_func=VERDICTS.__getitem__, horizontal=True)
+        verdict = st.radio(  # nothing preselected: a rating is a choice, never a default that feeds training
+            "Rate the answer", list(VERDICTS), format_func=VERDICTS.__getitem__, horizontal=True, index=None
+        )
         correction = st.text_input("Corrected answer (optional)")
         comment = st.text_area("Comment (optional)")
         submitted = st.form_submit_button("Submit rating")
     if not submitted:
+        return
+    if verdict is None:
+        st.error("Choose Correct, Partly correct or Incorrect first: nothing was recorded.")
         return
     key = st.session_state.setdefault(f"feedback_key_{result.answer_id}", uuid.uuid4().hex)
     item = FeedbackInput(result.answer_id, verdict, key, correction=correction or None, comment=comment or None)

@@ -76,7 +76,9 @@ def show_answer(actor, detail) -> None:
 def adjudication_form(actor, answer_id) -> None:
     """Signing re-asks the password and records the meaning of the signature (21 CFR 11.50)."""
     with st.form(f"adjudicate_{answer_id}"):
-        verdict = st.radio("Verdict", list(VERDICTS), format_func=VERDICTS.__getitem__, horizontal=True)
+        verdict = st.radio(  # nothing preselected: an adjudication is a choice, never a default
+            "Verdict", list(VERDICTS), format_func=VERDICTS.__getitem__, horizontal=True, index=None
+        )
         reference = st.text_input("Reference answer (required unless correct)")
         comment = st.text_area("Comment (optional)")
         meaning = st.selectbox(
@@ -84,7 +86,9 @@ def adjudication_form(actor, answer_id) -> None:
         )
         password = st.text_input(f"Password of {actor.name}, to sign", type="password")
         submitted = st.form_submit_button("Sign and submit")
-    if submitted:
+    if submitted and verdict is None:
+        st.error("Choose a verdict first: nothing was signed or recorded.")
+    elif submitted:
         item = ReviewInput(answer_id, verdict, meaning, password, reference or None, comment or None)
         perform(lambda: adjudicate(resources.database(), actor, item), f"Answer {answer_id} adjudicated and signed.")
 
