@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 DEMO_USERS = {  # username -> role; the demo is for trying the workbench, never for patient data
     "dr.demo": "clinician",
     "reviewer.demo": "reviewer",
+    "reviewer2.demo": "reviewer",  # a second reader: double reading and Cohen's kappa can be tried
     "ml.demo": "ml_engineer",
     "auditor.demo": "auditor",
     "admin.demo": "admin",

@@ -61,6 +61,7 @@ def test_review_queue_adjudication_with_signature_and_double_reading(db, app_env
     agreement = on_page(second, "app_pages/review.py")
     # one pair that disagrees: p_o = 0, p_e = 0, kappa = 0
     assert [m.value for m in agreement.metric] == ["0.00", "1"]
+    assert len(agreement.get("vega_lite_chart")) == 1  # the chart, once there is a pair
 
 
 def test_held_instances_are_confirmed_on_the_review_page(db, app_env, settings, tmp_path):
@@ -82,7 +83,7 @@ def test_promotion_needs_a_request_by_an_engineer_and_approval_by_an_admin(db, a
     assert not app.exception and app.selectbox(key="m_adapter").value == candidate
     shown = json.loads(app.json[0].value)
     assert shown["by_question_type"] == {"PRES": {"overall_accuracy": 0.6}} and shown["gate"]["passed"] is True
-    assert app.get("arrow_vega_lite_chart") or app.get("vega_lite_chart")  # candidate vs live per question type
+    assert app.get("vega_lite_chart") or app.get("vega_lite_chart")  # candidate vs live per question type
     app.button(key="m_approve")  # disabled until requested
     app.text_input(key="m_reason").input("better on the locked test set")
     app.button(key="m_request").click().run()
@@ -126,3 +127,12 @@ def test_audit_page_shows_a_broken_chain(db, app_env, clinician, anchor_path):
     app = signed_in(auditor).run()
     app.button(key="verify").click().run()
     assert errors(app) and errors(app)[0].startswith("Audit trail BROKEN at event")
+
+
+def test_agreement_without_double_readings_shows_a_sentence_not_an_empty_chart(db, app_env):
+    reviewer = factories.make_user(db, "reviewer")
+    app = on_page(reviewer, "app_pages/review.py")
+    assert not app.exception
+    notices = [element.value for element in app.info]
+    assert "No answer has been read by two reviewers yet: agreement appears once one has." in notices
+    assert app.get("vega_lite_chart") == [] and [m.value for m in app.metric] == ["-", "0"]

@@ -100,9 +100,12 @@ def agreement_tab(actor) -> None:
     left, right = st.columns(2)
     left.metric("Cohen's kappa", "-" if result.kappa is None else f"{result.kappa:.2f}")
     right.metric("Double-read answers", result.pairs)
+    if not result.pairs:  # an empty chart would show a meaningless axis
+        st.info("No answer has been read by two reviewers yet: agreement appears once one has.")
+        return
     if result.observed is not None:
         st.caption(f"Observed agreement {result.observed:.0%}; rows: first reading, columns: second reading")
-    table = pd.DataFrame(result.table).T.reindex(index=list(Verdict), columns=list(Verdict))
+    table = pd.DataFrame(result.table).T.reindex(index=list(Verdict), columns=list(Verdict)).fillna(0).astype(int)
     st.dataframe(table)
     st.bar_chart(table)
 
