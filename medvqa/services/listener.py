@@ -24,7 +24,7 @@ from medvqa.pacs.dimse import Delivery, StorageListener
 from medvqa.services import audit
 from medvqa.services.access import authorize
 from medvqa.services.preparation import describe_unexpected
-from medvqa.services.studies import ImportReport, Received, import_received
+from medvqa.services.studies import ImportReport, Received, import_received, worker_pool
 from medvqa.services.transaction import write
 
 if TYPE_CHECKING:
@@ -108,12 +108,13 @@ def import_association(db: Database, actor: Actor, settings: Settings, associati
         log.info("association from %s@%s: nothing sent", _clean(association.ae_title), association.host)
         shutil.rmtree(association.spool, ignore_errors=True)
         return report
-    for start in range(0, len(files), BATCH_FILES):
-        batch = [
-            Received(f"instance {start + n + 1} of {len(files)}", path.read_bytes())
-            for n, path in enumerate(files[start : start + BATCH_FILES])
-        ]
-        report.outcomes.extend(import_received(db, actor, batch, settings, "dimse").outcomes)
+    with worker_pool(settings) as pool:
+        for start in range(0, len(files), BATCH_FILES):
+            batch = [
+                Received(f"instance {start + n + 1} of {len(files)}", path.read_bytes())
+                for n, path in enumerate(files[start : start + BATCH_FILES])
+            ]
+            report.outcomes.extend(import_received(db, actor, batch, settings, "dimse", pool).outcomes)
     counts = {status: report.count(status) for status in ("imported", "duplicate", "refused", "skipped")}
     held = sum(o.held for o in report.outcomes)
     details: dict[str, Any] = {

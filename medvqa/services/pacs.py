@@ -29,6 +29,7 @@ from medvqa.services.studies import (
     build_deidentifier,
     import_received,
     stored_instance_uids,
+    worker_pool,
 )
 from medvqa.services.transaction import write
 
@@ -201,14 +202,17 @@ def _transfer(
     batches = _batches(wanted)
     # The next batch downloads while this one is imported; a failed download (PacsError) surfaces when its
     # batch is reached, after every earlier batch was imported and committed.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvqa-pacs-fetch") as downloader:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvqa-pacs-fetch") as downloader,
+        worker_pool(settings) as pool,
+    ):
         upcoming = downloader.submit(pacs.fetch_many, batches[0]) if batches else None
         for number, batch in enumerate(batches):
             assert upcoming is not None
             received = upcoming.result()
             upcoming = downloader.submit(pacs.fetch_many, batches[number + 1]) if number + 1 < len(batches) else None
             named = [Received(names[i.sop_uid], r.data, r.refused) for i, r in zip(batch, received, strict=True)]
-            imported = import_received(db, actor, named, settings, via)
+            imported = import_received(db, actor, named, settings, via, pool)
             report.outcomes.extend(imported.outcomes)
             done += len(batch)
             if progress:

@@ -65,13 +65,19 @@ class Preparer:
     store_root: Path
     limits: ImportLimits
 
-    def prepare_all(self, items: list[Item], store: ContentStore, workers: int) -> list[Prepared]:
-        """One (outcome, record) per item, in order. Files the workers created are added to store.created."""
+    def prepare_all(
+        self, items: list[Item], store: ContentStore, workers: int, pool: WorkerPool | None = None
+    ) -> list[Prepared]:
+        """One (outcome, record) per item, in order. Files the workers created are added to store.created.
+        `pool`: workers kept across calls (a retrieve's batches); used when it was made for this preparer."""
         sources = sum(1 for item in items if not isinstance(item, Listed))
         if workers <= 1 or sources < MIN_FILES_FOR_WORKERS:
             deid = Deidentifier(self.deid)
             return [_prepare(item, deid, store, self.limits) for item in items]
-        return list(_in_workers(self, items, store, min(workers, sources)))
+        if pool is not None and pool.preparer == self:
+            return list(_in_workers(self, items, store, pool))
+        with WorkerPool(self, min(workers, sources)) as own:
+            return list(_in_workers(self, items, store, own))
 
 
 def _prepare(item: Item, deid: Deidentifier, store: ContentStore, limits: ImportLimits) -> Prepared:
@@ -186,19 +192,47 @@ def _pool(preparer: Preparer, workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(preparer, os.getpid()))
 
 
-class _Workers:
-    """A pool with a bounded number of files in flight; a broken pool's files are retried one by one, each in a
-    process of its own, so only the file that kills a worker is refused for it."""
+class WorkerPool:
+    """Worker processes for one Preparer, started on first use and kept until closed, so that several imports
+    (a retrieve's batches) share them. Use as a context manager."""
 
-    def __init__(self, preparer: Preparer, workers: int, store: ContentStore) -> None:
-        self.preparer, self.workers, self.store = preparer, workers, store
-        self.pool = _pool(preparer, workers)
+    def __init__(self, preparer: Preparer, workers: int) -> None:
+        self.preparer, self.workers = preparer, max(1, workers)
+        self._executor: ProcessPoolExecutor | None = None
+
+    @property
+    def executor(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = _pool(self.preparer, self.workers)
+        return self._executor
+
+    def discard(self) -> None:
+        """Drop a broken pool; the next use starts a fresh one."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+
+class _Workers:
+    """A bounded number of files in flight on a WorkerPool; a broken pool's files are retried one by one, each
+    in a process of its own, so only the file that kills a worker is refused for it."""
+
+    def __init__(self, pool: WorkerPool, store: ContentStore) -> None:
+        self.pool, self.store = pool, store
         self.pending: deque[tuple[Job, Future[Result]]] = deque()
         self.results: dict[int, Prepared] = {}
 
     def submit(self, job: Job) -> None:
-        self.pending.append((job, self.pool.submit(_worker_prepare, job[1], job[2])))
-        while len(self.pending) >= self.workers * IN_FLIGHT_PER_WORKER:
+        self.pending.append((job, self.pool.executor.submit(_worker_prepare, job[1], job[2])))
+        while len(self.pending) >= self.pool.workers * IN_FLIGHT_PER_WORKER:
             self.collect_one()
 
     def collect_one(self) -> None:
@@ -208,16 +242,15 @@ class _Workers:
         except BrokenProcessPool:
             jobs = [job, *(other for other, _ in self.pending)]
             self.pending.clear()
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.discard()
             log.warning("import: a worker process died; its %d file(s) are retried one by one", len(jobs))
             for retried in jobs:
                 self._alone(retried)
-            self.pool = _pool(self.preparer, self.workers)
 
     def _alone(self, job: Job) -> None:
-        with _pool(self.preparer, 1) as single:
+        with WorkerPool(self.pool.preparer, 1) as single:
             try:
-                self._keep(job, single.submit(_worker_prepare, job[1], job[2]).result())
+                self._keep(job, single.executor.submit(_worker_prepare, job[1], job[2]).result())
             except BrokenProcessPool:
                 reason = "reading it stopped the import worker (a crash, or the memory limit); nothing was kept"
                 self.results[job[0]] = (FileOutcome(job[1], "refused", reason), None)
@@ -227,15 +260,14 @@ class _Workers:
         self.results[job[0]] = prepared
         self.store.created.update(created)
 
-    def close(self) -> None:
+    def drain(self) -> None:
         while self.pending:
             self.collect_one()
-        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _in_workers(preparer: Preparer, items: list[Item], store: ContentStore, workers: int) -> Iterator[Prepared]:
+def _in_workers(preparer: Preparer, items: list[Item], store: ContentStore, pool: WorkerPool) -> Iterator[Prepared]:
     """The outcomes in input order; bytes are read here, one bounded input at a time."""
-    running = _Workers(preparer, workers, store)
+    running = _Workers(pool, store)
     try:
         for index, item in enumerate(items):
             if isinstance(item, Listed):
@@ -248,6 +280,6 @@ def _in_workers(preparer: Preparer, items: list[Item], store: ContentStore, work
             else:
                 running.submit((index, item.name, data))
     finally:
-        running.close()
+        running.drain()
     for index in range(len(items)):
         yield running.results[index]

@@ -30,7 +30,7 @@ from medvqa.imaging.store import ContentStore, StoreLock
 from medvqa.services import audit
 from medvqa.services.access import authorize
 from medvqa.services.audit import Actor
-from medvqa.services.preparation import FileOutcome, Preparer, Status, unexpected
+from medvqa.services.preparation import FileOutcome, Preparer, Status, WorkerPool, unexpected
 from medvqa.services.transaction import write
 
 STATUSES: tuple[Status, ...] = ("imported", "duplicate", "refused", "skipped")
@@ -81,13 +81,19 @@ def import_paths(db: Database, actor: Actor, paths: Sequence[Path], settings: Se
 
 
 def import_received(
-    db: Database, actor: Actor, received: Sequence[Received], settings: Settings, via: str
+    db: Database,
+    actor: Actor,
+    received: Sequence[Received],
+    settings: Settings,
+    via: str,
+    pool: WorkerPool | None = None,
 ) -> ImportReport:
     """Import instances that arrived over the network (retrieved from a PACS, or sent to `medvqa listen`)
     through the same path as files: checks, de-identification, store, one audit event per study (its details
-    say `via`). The caller has authorised its own action (a PACS retrieve, a listener's association)."""
+    say `via`). The caller has authorised its own action (a PACS retrieve, a listener's association).
+    `pool`: worker processes kept across calls (see `worker_pool`)."""
     items: list[Item] = [_received_source(item) for item in received]
-    return _run_import(db, actor, settings, lambda _limits: contextlib.nullcontext(items), via)
+    return _run_import(db, actor, settings, lambda _limits: contextlib.nullcontext(items), via, pool)
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,14 @@ def _received_source(item: Received) -> Item:
     return Source(item.name, len(data), lambda limit: data[: limit + 1])
 
 
+def worker_pool(settings: Settings) -> WorkerPool:
+    """Worker processes for several `import_received` calls with these settings (a retrieve's batches), so
+    they start once; a context manager. Unused when MEDVQA_IMPORT_WORKERS is 1 or a batch is small."""
+    deid = build_deidentifier(settings)
+    preparer = Preparer(deid.settings, ContentStore(settings.store_dir).root, import_limits(settings))
+    return WorkerPool(preparer, settings.import_workers_count)
+
+
 def stored_instance_uids(db: Database, uids: set[str]) -> set[str]:
     """Those of the (de-identified) SOP Instance UIDs that the database already holds."""
     found: set[str] = set()
@@ -124,6 +138,7 @@ def _run_import(
     settings: Settings,
     open_items: Callable[[ImportLimits], AbstractContextManager[list[Item]]],
     via: str = "",
+    pool: WorkerPool | None = None,
 ) -> ImportReport:
     limits = import_limits(settings)
     deid, store = build_deidentifier(settings), ContentStore(settings.store_dir)
@@ -131,7 +146,8 @@ def _run_import(
     with store.lock() as lock:
         report.swept = _sweep_after_interrupted_import(db, store, lock)
         with store.import_marker() as marker, open_items(limits) as items:
-            _import_items(db, actor, items, deid, store, limits, report, via, settings.import_workers_count)
+            workers = settings.import_workers_count
+            _import_items(db, actor, items, deid, store, limits, report, via, workers, pool)
             report.left_in_store = _remove_unreferenced(db, store, lock)
             marker.keep = report.left_in_store > 0  # the next import that runs alone sweeps them
     return report
@@ -147,10 +163,11 @@ def _import_items(
     report: ImportReport,
     via: str = "",
     workers: int = 1,
+    pool: WorkerPool | None = None,
 ) -> None:
     preparer = Preparer(deid.settings, store.root, limits)
     by_study: dict[str, list[tuple[FileOutcome, InstanceRecord]]] = defaultdict(list)
-    for outcome, record in preparer.prepare_all(items, store, workers):
+    for outcome, record in preparer.prepare_all(items, store, workers, pool):
         report.outcomes.append(outcome)
         if record is not None:
             by_study[record.study_uid].append((outcome, record))
