@@ -339,7 +339,9 @@ _user_option = click.option(
 @click.option("--series", help="Series UID (or id); default: the study's first series.")
 @click.option("--slice", "slice_index", type=click.IntRange(min=0), help="Slice number; default: the key slice.")
 @click.option("--window", help="Window preset (ct_lung, ct_bone, ...), 'auto' or 'default'.")
-@click.option("--question-type", default="", help="PRES, POS, MODALITY, PLANE, SIZE, ABN... (stored with it).")
+@click.option(
+    "--question-type", default="", help="PRES, POS, MODALITY, PLANE, SIZE, ABN...; default: inferred from the words."
+)
 @_user_option
 @_json_option
 def ask_command(

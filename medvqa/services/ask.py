@@ -24,6 +24,7 @@ from medvqa.services.access import authorize
 from medvqa.services.answers import AnswerRecord, record_answer
 from medvqa.services.audit import Actor
 from medvqa.services.images import model_input
+from medvqa.services.question_types import infer_question_type
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -152,6 +153,7 @@ def ask(
     authorize(db, actor, Action.QUESTION_ASK, "study", study_id)  # refuse before the model runs
     if not question.strip():
         raise InvalidInput("the question is empty; type a question or pick a template")
+    question_type = question_type or infer_question_type(question)  # a typed question gets its type by rules
     series_id = resolve_series(db, study_id, choice.series_id)
     slices: int | Sequence[int] | None = list(choice.slices) if isinstance(choice.slices, tuple) else choice.slices
     prepared = model_input(db, actor, series_id, settings, slices=slices, window=choice.window)

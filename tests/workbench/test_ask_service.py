@@ -51,6 +51,9 @@ def test_ask_stores_the_answer_with_the_image_and_provenance(db, settings, ct_st
     assert set(result.provenance()) == {"model", "adapter", "prompt_version", "preprocess_hash", "latency_ms", "image"}
     montage = ask(db, clinician, settings, model, study_id, "Is this normal?", ImageChoice(slices=(0, 1, 2)))
     assert montage.selection["kind"] == "montage" and montage.preprocess_hash != result.preprocess_hash
+    assert montage.question_type == "ABN"  # typed without a template: the type is inferred and stored
+    with db.read_session() as session:
+        assert session.get(Question, session.get(Answer, montage.answer_id).question_id).question_type == "ABN"
 
 
 @pytest.mark.parametrize(
