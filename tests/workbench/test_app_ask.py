@@ -32,6 +32,9 @@ def test_ask_shows_the_answer_as_plain_text_with_confidence_image_and_provenance
     provenance = app.json[0].value
     assert all(key in provenance for key in ("model", "adapter", "prompt_version", "preprocess_hash", "latency_ms"))
     assert any("the exact image the model saw" in str(image.proto) for image in app.get("image"))
+    [banner] = [element.value for element in app.warning if "Not validated for clinical use" in element.value]
+    assert banner.endswith("its accuracy has not been measured by medvqa.")  # the tiny test model: never measured
+    assert any(expander.label.startswith("Model card") for expander in app.expander)
     if result.confidence is not None:
         assert app.get("progress")[0].proto.value == round(result.confidence * 100)
         assert any("not how often it is right" in caption.value for caption in app.caption)

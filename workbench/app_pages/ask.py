@@ -11,6 +11,7 @@ from medvqa.imaging.series import Window
 from medvqa.pacs.query import StudyQuery
 from medvqa.services.ask import QUESTION_TEMPLATES, AskResult, ImageChoice, ask, fill_template
 from medvqa.services.feedback import FeedbackInput, give_feedback
+from medvqa.services.model_status import live_model_status, model_card
 from medvqa.services.pacs import find_studies, retrieve_study
 from medvqa.services.queries import StudyFilter, search_studies, study_series
 from medvqa.services.viewer import instance_metadata, render_slice, thumbnails, window_choices
@@ -218,6 +219,11 @@ CONFIDENCE_NOTE = "Confidence is the model's certainty in its own words, not how
 
 def answer_panel(result: AskResult):
     st.subheader("Answer")
+    status = attempt(lambda: live_model_status(resources.database(), resources.settings()))
+    if status is not None:
+        st.warning(status.banner())  # with every answer, until a model is validated for clinical use
+        with st.expander("Model card: what the model is, how it was measured, what it must not be used for"):
+            st.markdown(model_card())
     st.text(f"Q: {result.question}")  # typed by a person: shown as text too
     st.text(result.text or "(the model gave no answer)")  # plain text: never markdown or HTML from the model
     if result.confidence is not None:
