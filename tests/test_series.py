@@ -261,3 +261,17 @@ def test_refusals_are_medvqa_errors_and_the_volume_is_read_only() -> None:
     series = read_series([make_slice()])
     with pytest.raises(ValueError, match="read-only"):
         series.pixels[0, 0, 0] = 1.0
+
+
+def test_window_presets_are_offered_only_where_the_pixel_data_fits_them():
+    from medvqa.services.viewer import window_choices
+    from tests.dicom_factory import make_slice
+
+    ct = read_series([make_slice(pixels=np.full((4, 4), 1000, np.uint16), rescale=(1.0, -1024.0))])
+    mr = read_series([make_slice(pixels=np.full((4, 4), 900, np.uint16), modality="MR")])
+    radiograph = read_series([make_slice(pixels=np.full((4, 4), 200, np.uint8), modality="OT")])
+    colour = read_series([make_slice(pixels=np.zeros((4, 4, 3), np.uint8), modality="OT")])
+    assert window_choices(ct) == ["default", "auto", *(name for name in PRESETS if name.startswith("ct_"))]
+    assert window_choices(mr) == ["default", "auto"]  # no Hounsfield units, values past 255
+    assert window_choices(radiograph) == ["default", "auto", "full_8bit"]
+    assert window_choices(colour) == ["default"]

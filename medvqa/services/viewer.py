@@ -52,8 +52,15 @@ DISPLAY_TAGS = (
 
 
 def window_choices(volume: Series) -> list[str]:
-    """Window names for the picker: the series' own default, then the presets."""
-    return ["default", *PRESETS]
+    """Window names for the picker: the series' own default and 'auto' (its value range), then the presets that
+    fit its pixel data: the CT presets (Hounsfield units) for CT only, the 8-bit one for values in 0..255.
+    A colour series keeps its own window: its RGB values are shown as they are."""
+    if volume.is_colour:
+        return ["default"]
+    hounsfield = [name for name in PRESETS if name.startswith("ct_")] if volume.modality.upper() == "CT" else []
+    low, high = float(volume.pixels.min()), float(volume.pixels.max())
+    eight_bit = ["full_8bit"] if low >= 0 and high <= 255 else []
+    return ["default", "auto", *hounsfield, *eight_bit]
 
 
 def render_slice(volume: Series, index: int, window: str | Window | None = None) -> np.ndarray:
