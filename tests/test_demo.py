@@ -56,6 +56,14 @@ def test_tags_come_from_training_questions(tmp_path):
     assert tags == {"synpic1.jpg": ("MR", "HEAD"), "synpic2.jpg": ("DX", "CHEST"), "synpic3.jpg": ("OT", "ABDOMEN")}
 
 
+def test_disagreeing_questions_give_an_unknown_modality_not_a_guess(tmp_path):
+    root = fake_vqa_rad(tmp_path / "vqa")
+    extra = {"image": "images/synpic1.jpg", "question": "Is the lesion seen on this CT?", "answer": "yes"}
+    with (root / "train.jsonl").open("a") as rows:
+        rows.write(json.dumps({**extra, "question_type": "PRES", "organ": "HEAD"}) + "\n")
+    assert infer_tags(root / "train.jsonl")["synpic1.jpg"] == ("OT", "HEAD")  # MR once, CT once: unknown
+
+
 def test_demo_files_are_secondary_captures_not_held(tmp_path):
     files = build_demo_files(fake_vqa_rad(tmp_path / "vqa"), tmp_path / "out")
     ds = pydicom.dcmread(files[0])

@@ -26,8 +26,8 @@ MODALITY_WORDS = [  # first match wins: (pattern in a question or answer, DICOM 
 
 
 def infer_tags(train_jsonl: Path) -> dict[str, tuple[str, str]]:
-    """image name -> (modality, body part): a vote over every training question and answer that names a
-    modality (a modality question answered "no" votes for nothing)."""
+    """image name -> (modality, body part): the modality that every training question and answer naming one
+    agrees on (a modality question answered "no" votes for nothing; disagreeing votes give OT, unknown)."""
     votes: dict[str, Counter[str]] = defaultdict(Counter)
     organ: dict[str, str] = {}
     for line in train_jsonl.read_text().splitlines():
@@ -42,7 +42,12 @@ def infer_tags(train_jsonl: Path) -> dict[str, tuple[str, str]]:
             if re.search(pattern, text):
                 votes[name][code] += 1
                 break
-    return {name: (votes[name].most_common(1)[0][0] if votes[name] else "OT", part) for name, part in organ.items()}
+    return {name: (_agreed(votes[name]), part) for name, part in organ.items()}
+
+
+def _agreed(votes: Counter[str]) -> str:
+    """The modality every vote names; OT (other: unknown) when none does or they disagree, rather than a guess."""
+    return next(iter(votes)) if len(votes) == 1 else "OT"
 
 
 def build_demo_files(data_dir: Path, out_dir: Path, max_pixels: int = 300_000_000) -> list[Path]:
