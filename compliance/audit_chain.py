@@ -26,6 +26,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from medvqa.errors import MedVQAError
+
 GENESIS_HASH = "0" * 64
 ROW_DIGESTS = "row_digests"  # the details key under which an event lists the rows it wrote
 INTENT, COMMIT, ABORT = "I", "C", "A"
@@ -324,7 +326,7 @@ def verify_chain(
 # The anchor file and its key
 
 
-class AnchorError(Exception):
+class AnchorError(MedVQAError):
     """The anchor file or its key is missing or damaged, or a line is not authenticated."""
 
     def __init__(self, message: str, seq: int | None = None) -> None:

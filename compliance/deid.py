@@ -44,6 +44,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from compliance.dicom_terms import BODY_PARTS, MODALITIES, PHOTOMETRIC_INTERPRETATIONS
+from medvqa.errors import MedVQAError
 
 PROFILE_EDITION = "dicomfields_2026c"
 METHOD = "medvqa allowlist over PS3.15 E.1-1 (2026c edition), keyed UIDs"
@@ -74,7 +75,7 @@ DS_PATTERN = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 DA_PATTERN = re.compile(r"^[0-9]{8}$")
 
 
-class DeidError(Exception):
+class DeidError(MedVQAError):
     """The dataset cannot be de-identified safely (the message names no identifier)."""
 
 

@@ -25,6 +25,10 @@ class InvalidInput(MedVQAError):
     """A value given by a person or a file is not acceptable."""
 
 
+class InvalidSettings(InvalidInput, ValueError):
+    """A settings object (LoRA, training, gate) got a value it cannot use; still a ValueError for callers."""
+
+
 class IdempotencyConflict(MedVQAError):
     """The same idempotency key was used again with a different body."""
 

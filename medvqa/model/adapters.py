@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medvqa.errors import AdapterMismatch, ModelError, NotFound
+from medvqa.errors import AdapterMismatch, InvalidSettings, ModelError, NotFound
 from medvqa.model.loading import MODEL_REF_ATTRIBUTE, LoadedModel
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """Low-rank adaptation settings; invalid values raise ValueError here, before any model is touched."""
+    """Low-rank adaptation settings; invalid values raise InvalidSettings here, before any model is touched."""
 
     r: int = field(default=16, metadata={"help": "Rank of the update matrices (>0): capacity and adapter size."})
     alpha: int = field(default=32, metadata={"help": "Scaling numerator (>0): the update is scaled by alpha / r."})
@@ -50,15 +50,15 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, not {self.r!r}")
+            raise InvalidSettings(f"r must be a positive integer, not {self.r!r}")
         if not self.alpha > 0:
-            raise ValueError(f"alpha must be positive, not {self.alpha!r}")
+            raise InvalidSettings(f"alpha must be positive, not {self.alpha!r}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
+            raise InvalidSettings(f"dropout must be in [0, 1), not {self.dropout!r}")
         try:
             re.compile(self.target_modules)
         except re.error as exc:
-            raise ValueError(f"target_modules is not a valid regex: {exc}") from None
+            raise InvalidSettings(f"target_modules is not a valid regex: {exc}") from None
 
 
 def targeted_modules(model: Any, pattern: str) -> list[str]:

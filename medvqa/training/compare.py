@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medvqa.errors import InvalidInput
+from medvqa.errors import InvalidInput, InvalidSettings
 from medvqa.training.metrics import EvalReport, ExampleScore
 
 if TYPE_CHECKING:
@@ -40,9 +40,9 @@ class GateSettings:
 
     def __post_init__(self) -> None:
         if not (0 <= self.max_overall_drop <= 1 and 0 <= self.max_subgroup_drop <= 1):
-            raise ValueError("gate drops are fractions of accuracy in [0, 1] (0.02 = 2 points)")
+            raise InvalidSettings("gate drops are fractions of accuracy in [0, 1] (0.02 = 2 points)")
         if self.min_subgroup_questions < 1:
-            raise ValueError("min_subgroup_questions must be at least 1")
+            raise InvalidSettings("min_subgroup_questions must be at least 1")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GateSettings:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medvqa.errors import InvalidSettings
 from medvqa.model.adapters import LoraSettings, attach_lora, save_adapter
 from medvqa.model.loading import load_vlm
 from medvqa.model.prompts import DEFAULT_PROMPT_VERSION, load_prompt
@@ -33,7 +34,7 @@ VISION_MODULES = ("vision_tower", "vision_model", "visual", "multi_modal_project
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How to train; invalid values raise ValueError here, before any model is loaded."""
+    """How to train; invalid values raise InvalidSettings here, before any model is loaded."""
 
     epochs: float = field(default=1.0, metadata={"help": "Passes over the data (>0); ignored when max_steps > 0."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak AdamW learning rate (>0), linear decay."})
@@ -70,21 +71,21 @@ class TrainSettings:
         for name in ("batch_size", "gradient_accumulation", "seed", "max_steps", "dataloader_workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, not {value!r}")
+                raise InvalidSettings(f"{name} must be an integer, not {value!r}")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
-            raise ValueError("batch_size and gradient_accumulation must be at least 1")
+            raise InvalidSettings("batch_size and gradient_accumulation must be at least 1")
         if self.dataloader_workers < 0:
-            raise ValueError(f"dataloader_workers must be >= 0, not {self.dataloader_workers}")
+            raise InvalidSettings(f"dataloader_workers must be >= 0, not {self.dataloader_workers}")
         if self.seed < 0 or (self.max_steps < 1 and self.max_steps != -1):
-            raise ValueError(f"seed must be >= 0 and max_steps -1 or positive, not {self.seed}, {self.max_steps}")
+            raise InvalidSettings(f"seed must be >= 0 and max_steps -1 or positive, not {self.seed}, {self.max_steps}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ValueError(f"epochs must be positive, not {self.epochs!r}")
+            raise InvalidSettings(f"epochs must be positive, not {self.epochs!r}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be positive, not {self.learning_rate!r}")
+            raise InvalidSettings(f"learning_rate must be positive, not {self.learning_rate!r}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), not {self.warmup_ratio!r}")
+            raise InvalidSettings(f"warmup_ratio must be in [0, 1), not {self.warmup_ratio!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, not {self.weight_decay!r}")
+            raise InvalidSettings(f"weight_decay must be >= 0, not {self.weight_decay!r}")
 
 
 @dataclass(frozen=True)
