@@ -163,6 +163,22 @@ def test_retrieve_imports_a_multi_series_study_deidentified_and_once(db, pacs_en
     assert import_event.details["via"] == via and import_event.details["instances_new"] == 6
 
 
+def test_a_study_larger_than_the_import_limit_is_refused_before_any_download(
+    db, pacs_env, seeded, clinician, monkeypatch
+):
+    monkeypatch.setenv("MEDVQA_IMPORT_MAX_INSTANCES", "5")
+    with pytest.raises(InvalidInput, match=r"lists 6 instances for this study, more than MEDVQA_IMPORT_MAX_INST"):
+        pacs_service.retrieve_study(db, clinician, seeded["ct"].study_uid, _settings())
+    [failed] = _pacs_events(db, "pacs:study:retrieve")
+    assert failed.outcome == "failed"
+    with db.read_session() as session:
+        assert session.query(Instance).count() == 0
+    report = pacs_service.retrieve_study(
+        db, clinician, seeded["ct"].study_uid, _settings(), series_uid=seeded["ct"].series_uids[0]
+    )
+    assert report.count("imported") == 3  # series by series, as the message says
+
+
 def test_retrieve_of_one_series(db, pacs_env, seeded, clinician):
     ct = seeded["ct"]
     report = pacs_service.retrieve_study(db, clinician, ct.study_uid, _settings(), series_uid=ct.series_uids[1])

@@ -160,7 +160,7 @@ def retrieve_study(
             _transfer(db, actor, pacs, deid, study_uid, series_uid, settings, via, report, progress)
         finally:
             pacs.close()
-    except PacsError as exc:
+    except (PacsError, InvalidInput) as exc:
         if report.listed == 0:  # nothing was listed (wrong credentials, server down, no such study): one line
             _audit(db, actor, Action.PACS_RETRIEVE, None, {**details, "error": str(exc)}, "failed")
             raise
@@ -191,6 +191,11 @@ def _transfer(
     progress: Progress | None,
 ) -> None:
     instances = pacs.list_instances(study_uid, series_uid)
+    if len(instances) > settings.import_max_instances:
+        raise InvalidInput(
+            f"the PACS lists {len(instances)} instances for this study, more than MEDVQA_IMPORT_MAX_INSTANCES "
+            f"({settings.import_max_instances}): retrieve it series by series (--series)"
+        )
     report.listed = len(instances)
     stored = stored_instance_uids(db, {deid.uid(i.sop_uid) for i in instances})
     wanted = [i for i in instances if deid.uid(i.sop_uid) not in stored]
