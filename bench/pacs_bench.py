@@ -16,8 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medvqa.config import load_settings
@@ -25,31 +23,16 @@ from medvqa.db.engine import Database
 from medvqa.db.migrate import upgrade
 from medvqa.services.audit import Actor
 from medvqa.services.pacs import retrieve_study
-from tests.pacs_server import Orthanc, missing
+from tests.pacs_server import Orthanc, missing, seed_study
 
 OPERATOR = Actor("bench", "admin")
 
 
 def seed(server: Orthanc, slices: int, size: int) -> str:
-    from pydicom.uid import generate_uid
-
-    from tests.dicom_factory import make_slice
-
-    study, series = generate_uid(), generate_uid()
-    rng = np.random.default_rng(0)
-    for index in range(slices):
-        pixels = (rng.normal(1024, 200, (size, size))).clip(0, 4095).astype(np.uint16)
-        ds = make_slice(
-            pixels=pixels,
-            position=(0.0, 0.0, float(index)),
-            instance_number=index + 1,
-            series_uid=series,
-            StudyInstanceUID=study,
-            BurnedInAnnotation="NO",
-            BitsStored=12,
-        )
-        server.upload(ds)
-    return study
+    """One series of `slices` CT slices that declare BurnedInAnnotation NO (no OCR), as tests/pacs_server seeds."""
+    return seed_study(
+        server, patient_id="BENCH-1", accession="BENCH-ACC", study_date="20260101", series=1, slices=slices, size=size
+    ).study_uid
 
 
 def bare(server: Orthanc, study: str, pixels: bool) -> float:

@@ -14,7 +14,7 @@ from typing import Any
 import pydicom
 from sqlalchemy import Integer, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from compliance.deid import Deidentifier, DeidSettings, load_site_key
 from compliance.policy import Action
@@ -123,13 +123,7 @@ def worker_pool(settings: Settings) -> WorkerPool:
 
 def stored_instance_uids(db: Database, uids: set[str]) -> set[str]:
     """Those of the (de-identified) SOP Instance UIDs that the database already holds."""
-    found: set[str] = set()
-    ordered = sorted(uids)
-    with db.read_session() as session:
-        for start in range(0, len(ordered), 500):
-            chunk = ordered[start : start + 500]
-            found.update(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(chunk))))
-    return found
+    return _held_values(db, Instance.sop_instance_uid, uids)
 
 
 def _run_import(
@@ -359,12 +353,16 @@ def _remove_unreferenced(db: Database, store: ContentStore, lock: StoreLock) -> 
 
 def referenced_paths(db: Database, paths: set[str]) -> set[str]:
     """Those of `paths` that an instance row references."""
+    return _held_values(db, Instance.storage_path, paths)
+
+
+def _held_values(db: Database, column: InstrumentedAttribute[str], values: set[str]) -> set[str]:
+    """Those of `values` that `column` holds, asked 500 at a time (a bounded IN list on both backends)."""
     found: set[str] = set()
-    ordered = sorted(paths)
+    ordered = sorted(values)
     with db.read_session() as session:
         for start in range(0, len(ordered), 500):
-            chunk = ordered[start : start + 500]
-            found.update(session.scalars(select(Instance.storage_path).where(Instance.storage_path.in_(chunk))))
+            found.update(session.scalars(select(column).where(column.in_(ordered[start : start + 500]))))
     return found
 
 
