@@ -197,8 +197,9 @@ def _transfer(
             f"({settings.import_max_instances}): retrieve it series by series (--series)"
         )
     report.listed = len(instances)
-    stored = stored_instance_uids(db, {deid.uid(i.sop_uid) for i in instances})
-    wanted = [i for i in instances if deid.uid(i.sop_uid) not in stored]
+    ours = {i.sop_uid: deid.uid(i.sop_uid) for i in instances}  # the de-identified UID each one is stored under
+    stored = stored_instance_uids(db, set(ours.values()))
+    wanted = [i for i in instances if ours[i.sop_uid] not in stored]
     report.already_stored = len(instances) - len(wanted)
     names = _names(instances)
     done = 0
