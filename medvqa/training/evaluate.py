@@ -21,9 +21,10 @@ from PIL import Image, UnidentifiedImageError
 
 from medvqa.errors import InvalidInput
 from medvqa.training.data import VQAExample
-from medvqa.training.metrics import EvalReport, score
+from medvqa.training.metrics import EvalReport, Prediction, score
 
-Predictor = Callable[[Image.Image, str], str]
+# A predictor answers with text, or with a Prediction that carries its confidence (and abstention).
+Predictor = Callable[[Image.Image, str], str | Prediction]
 _T = TypeVar("_T")
 
 
@@ -68,12 +69,12 @@ def evaluate(
     swap = other_images(examples) if shuffled else {}
     if shuffled and not swap:
         raise InvalidInput("the shuffled baseline needs questions about at least two different images")
-    predictions: list[str] = []
+    predictions: list[str | Prediction] = []
     label = "blind baseline" if blind else "shuffled baseline" if shuffled else "evaluating"
     for example in _progress(examples, enabled=progress, description=label):
         shown = replace(example, image_path=swap[example.image_path]) if shuffled else example
         answer = predict(load_image(shown, blind=blind), example.question)
-        if not isinstance(answer, str):
+        if not isinstance(answer, str | Prediction) or not isinstance(getattr(answer, "text", answer), str):
             raise InvalidInput(f"question {example.qid}: the predictor returned {type(answer).__name__}, not text")
         predictions.append(answer)
     return score(examples, predictions)
@@ -86,6 +87,46 @@ def compare_with_baselines(examples: Sequence[VQAExample], predict: Predictor, *
     blind = evaluate(examples, predict, blind=True, progress=progress)
     shuffled = evaluate(examples, predict, shuffled=True, progress=progress) if other_images(examples) else None
     return replace(report, blind=blind, shuffled=shuffled)
+
+
+CONDITIONS = (("own", None), ("blind", "blind"), ("shuffled", "shuffled"))
+
+
+def write_predictions(report: EvalReport, path: Path) -> int:
+    """One JSON line per question and condition (own image, then blind and shuffled where measured): qid,
+    condition, question, reference, answer, correct, confidence (and raw_confidence, abstained), answer type,
+    question type, organ. Written atomically; returns the number of lines."""
+    import json
+    import os
+    import tempfile
+
+    lines: list[str] = []
+    for condition, attribute in CONDITIONS:
+        member = report if attribute is None else getattr(report, attribute)
+        if member is None:
+            continue
+        for item in member.examples:
+            row = {
+                "qid": item.qid,
+                "condition": condition,
+                "question": item.question,
+                "reference": item.reference,
+                "answer": item.prediction,
+                "correct": item.exact_match,
+                "confidence": item.confidence,
+                "raw_confidence": item.raw_confidence,
+                "abstained": item.abstained,
+                "answer_type": item.answer_type,
+                "question_type": item.question_type,
+                "organ": item.organ,
+            }
+            lines.append(json.dumps(row, ensure_ascii=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(prefix=".predictions-", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write("".join(line + "\n" for line in lines))
+    os.replace(scratch, path)
+    return len(lines)
 
 
 def _progress(items: Sequence[_T], *, enabled: bool, description: str) -> Iterable[_T]:

@@ -85,6 +85,16 @@ def token_recall(prediction: str, reference: str) -> float:
 
 
 @dataclass(frozen=True)
+class Prediction:
+    """An answer with its confidence, as a predictor that knows them returns it (a bare str has neither)."""
+
+    text: str
+    confidence: float | None = None  # what the product shows: calibrated when the model carries a calibration
+    raw_confidence: float | None = None  # the model's own, before calibration
+    abstained: bool = False  # below the model's abstention threshold: not presented as an answer
+
+
+@dataclass(frozen=True)
 class ExampleScore:
     """How one prediction scored against its reference answer; kept for error analysis."""
 
@@ -97,20 +107,29 @@ class ExampleScore:
     exact_match: bool
     token_f1: float
     token_recall: float
+    question: str = ""
+    confidence: float | None = None
+    raw_confidence: float | None = None
+    abstained: bool = False
 
 
-def score_example(example: VQAExample, prediction: str) -> ExampleScore:
+def score_example(example: VQAExample, prediction: str | Prediction) -> ExampleScore:
     """Score one prediction; an empty prediction is a wrong answer, never a skipped question."""
+    answer = prediction if isinstance(prediction, Prediction) else Prediction(prediction)
     return ExampleScore(
         qid=example.qid,
         answer_type=example.answer_type,
         question_type=example.question_type,
         organ=example.organ,
-        prediction=prediction,
+        prediction=answer.text,
         reference=example.answer,
-        exact_match=exact_match(prediction, example.answer),
-        token_f1=token_f1(prediction, example.answer),
-        token_recall=token_recall(prediction, example.answer),
+        exact_match=exact_match(answer.text, example.answer),
+        token_f1=token_f1(answer.text, example.answer),
+        token_recall=token_recall(answer.text, example.answer),
+        question=example.question,
+        confidence=answer.confidence,
+        raw_confidence=answer.raw_confidence,
+        abstained=answer.abstained,
     )
 
 
@@ -213,6 +232,36 @@ class EvalReport:
             return None
         return self.closed_accuracy - self.shuffled.closed_accuracy
 
+    @property
+    def has_confidences(self) -> bool:
+        """True when the predictor gave confidences (a bare-text predictor gives none)."""
+        return any(item.confidence is not None for item in self.examples)
+
+    def calibration(self) -> dict[str, Any]:
+        """Confidence figures for closed and open questions separately (by the data's answer type), and, when
+        some answers abstained, the coverage and accuracy of those presented; {} without confidences."""
+        from medvqa.training.calibration import ConfidenceFigures
+
+        if not self.has_confidences:
+            return {}
+        result: dict[str, Any] = {}
+        for kind, members in (("closed", self._closed()), ("open", self._open())):
+            figures = ConfidenceFigures.measure([m.confidence for m in members], [m.exact_match for m in members])
+            result[kind] = figures.to_json() if figures else None
+            shown = [m for m in members if not m.abstained]
+            result[kind + "_abstention"] = {
+                "coverage": len(shown) / len(members) if members else None,
+                "accuracy": _mean([float(m.exact_match) for m in shown]),
+                "abstained": len(members) - len(shown),
+            }
+        return result
+
+    def _closed(self) -> list[ExampleScore]:
+        return [e for e in self.examples if e.answer_type == "CLOSED"]
+
+    def _open(self) -> list[ExampleScore]:
+        return [e for e in self.examples if e.answer_type != "CLOSED"]
+
     def with_provenance(
         self, *, model_ref: str | None = None, adapter_ref: str | None = None, data: str | None = None
     ) -> EvalReport:
@@ -230,6 +279,8 @@ class EvalReport:
         if self.shuffled is not None:
             result["shuffled"] = self.shuffled.to_json()
             result["closed_accuracy_gain_over_shuffled"] = self.closed_accuracy_gain_over_shuffled
+        if self.has_confidences:
+            result["calibration"] = self.calibration()
         for key in ("model_ref", "adapter_ref", "data"):
             if getattr(self, key) is not None:
                 result[key] = getattr(self, key)
@@ -251,6 +302,8 @@ class EvalReport:
             lines += [f"Closed accuracy gain over shuffled: {_points(gain)}", ""]
         lines += _table("question type", self.by_question_type)
         lines += _table("organ", self.by_organ)
+        if self.has_confidences:
+            lines += calibration_table(self)
         return "\n".join(lines).rstrip() + "\n"
 
 
@@ -277,7 +330,41 @@ def _table(title: str, groups: Mapping[str, GroupScores]) -> list[str]:
     return [*lines, ""]
 
 
-def score(examples: Sequence[VQAExample], predictions: Sequence[str]) -> EvalReport:
+def calibration_table(report: EvalReport) -> list[str]:
+    """Markdown: per condition (own image, blind, shuffled) and answer type, how far the confidences hold."""
+    header = (
+        "| confidence | n | accuracy | mean confidence | ECE | Brier | AURC | acc @80% | acc @50% | acc @30% "
+        "| presented | presented acc |"
+    )
+    lines = [header, "|---" * 13 + "|"]
+    conditions = [("own image", report), ("blind", report.blind), ("shuffled", report.shuffled)]
+    for condition, member in conditions:
+        if member is None or not member.has_confidences:
+            continue
+        figures = member.calibration()
+        for kind in ("closed", "open"):
+            data, shown = figures[kind], figures[kind + "_abstention"]
+            if data is None:
+                continue
+            selective = [_percent(data["selective_accuracy"][key]) for key in ("0.8", "0.5", "0.3")]
+            cells = [
+                f"{condition}, {kind}",
+                str(data["n"]),
+                _percent(data["accuracy"]),
+                f"{data['mean_confidence']:.3f}",
+                f"{data['ece']:.3f}",
+                f"{data['brier']:.3f}",
+                f"{data['aurc']:.3f}",
+                *selective,
+                _percent(shown["coverage"]),
+                _percent(shown["accuracy"]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    note = "ECE over 10 equal-mass bins; acc @c%: accuracy of the c% most confident answers; presented: not abstained."
+    return [*lines, "", note, ""]
+
+
+def score(examples: Sequence[VQAExample], predictions: Sequence[str | Prediction]) -> EvalReport:
     """Score predictions against examples, position by position; the lengths must match."""
     if len(examples) != len(predictions):
         raise InvalidInput(f"{len(predictions)} predictions for {len(examples)} examples; give one per example")
@@ -297,5 +384,5 @@ def score(examples: Sequence[VQAExample], predictions: Sequence[str]) -> EvalRep
 
 def _check_texts(predictions: Iterable[object]) -> None:
     for index, prediction in enumerate(predictions):
-        if not isinstance(prediction, str):
+        if not isinstance(prediction, str | Prediction):
             raise InvalidInput(f"prediction {index} is {type(prediction).__name__}, not text; use '' for no answer")
