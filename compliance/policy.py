@@ -56,6 +56,7 @@ class Action(enum.StrEnum):
     DATASET_SNAPSHOT = "training:dataset:snapshot"
     ROUND_RUN = "training:round:run"
     ADAPTER_READ = "model:adapter:read"
+    MODEL_CALIBRATE = "model:calibration:fit"
     ADAPTER_PROMOTE_REQUEST = "model:adapter:request_promotion"
     ADAPTER_PROMOTE_APPROVE = "model:adapter:approve_promotion"
     ADAPTER_ROLLBACK = "model:adapter:rollback"
@@ -95,6 +96,7 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.DATASET_SNAPSHOT: frozenset({_M}),
     Action.ROUND_RUN: frozenset({_M}),
     Action.ADAPTER_READ: frozenset({_M, _ADM}),
+    Action.MODEL_CALIBRATE: frozenset({_M}),  # confidences and abstention thresholds clinicians see
     Action.ADAPTER_PROMOTE_REQUEST: frozenset({_M}),
     Action.ADAPTER_PROMOTE_APPROVE: frozenset({_ADM}),
     Action.ADAPTER_ROLLBACK: frozenset({_M, _ADM}),

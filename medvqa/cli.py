@@ -266,15 +266,37 @@ def studies_list(as_json: bool) -> None:
 @click.option(
     "--no-blind", is_flag=True, help="Skip the baselines (the same model with black images, and with other images)."
 )
+@click.option(
+    "--predictions",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write one JSON line per question and condition (own, blind, shuffled) with answer and confidence.",
+)
+@click.option(
+    "--plots",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write the reliability diagram and risk-coverage curve (PNG) to this folder; the report links them.",
+)
+@click.option("--raw-confidence", is_flag=True, help="Ignore the weights' calibration.json: raw confidences.")
 @_json_option
 def eval_command(
-    data: Path, model: Path | None, adapter: str | None, limit: int | None, no_blind: bool, as_json: bool
+    data: Path,
+    model: Path | None,
+    adapter: str | None,
+    limit: int | None,
+    no_blind: bool,
+    predictions: Path | None,
+    plots: Path | None,
+    raw_confidence: bool,
+    as_json: bool,
 ) -> None:
     """Evaluate a model on a VQA file: closed accuracy, open exact match, token F1 and recall, overall
-    accuracy, per question type and organ, and two baselines that show whether the image is used: blind (black
-    images) and shuffled (each question asked about another image of the file)."""
+    accuracy, per question type and organ, two baselines that show whether the image is used (blind: black
+    images; shuffled: each question asked about another image of the file), and how far the confidences hold
+    (ECE, Brier, risk-coverage, selective accuracy; calibrated when the weights carry a calibration.json)."""
     from medvqa.config import load_settings
     from medvqa.services.evaluation import run_evaluation
+    from medvqa.training.calibration import write_plots
+    from medvqa.training.evaluate import write_predictions
 
     report = run_evaluation(
         _open_database(),
@@ -285,8 +307,54 @@ def eval_command(
         limit=limit,
         baselines=not no_blind,
         progress=not as_json,
+        calibrated=not raw_confidence,
     )
-    _emit(as_json, report.to_json(), report.to_markdown())
+    result, markdown = report.to_json(), report.to_markdown()
+    if predictions is not None:
+        result["predictions"] = {"file": str(predictions), "lines": write_predictions(report, predictions)}
+    if plots is not None:
+        paths = write_plots(report.calibration(), plots, title=f"{report.model_ref} on {data.name}")
+        result["plots"] = {name: str(path) for name, path in paths.items()}
+        markdown += "".join(f"\n![{name}]({path})\n" for name, path in paths.items())
+    _emit(as_json, result, markdown)
+
+
+@main.command("calibrate")
+@click.option(
+    "--data", required=True, type=click.Path(path_type=Path), help="Held-out VQA jsonl (never the locked test set)."
+)
+@click.option("--model", "model", type=click.Path(path_type=Path), help="Local checkpoint; default: the workbench's.")
+@click.option("--adapter", help="Adapter id or folder; default with no --model: the live adapter, if any.")
+@click.option(
+    "--user",
+    "username",
+    required=True,
+    envvar="MEDVQA_USER",
+    help="ML engineer who fits it; password from a prompt or stdin. Env: MEDVQA_USER.",
+)
+@_json_option
+def calibrate_command(data: Path, model: Path | None, adapter: str | None, username: str, as_json: bool) -> None:
+    """Fit the confidence calibration and abstention thresholds of the weights on held-out questions and write
+    calibration.json beside them (the adapter's folder, or the model's); answers then carry it."""
+    from medvqa.config import load_settings
+    from medvqa.services.calibration import fit_model_calibration
+    from medvqa.training.calibration import MIN_FIT
+
+    database = _open_database()
+    actor = _signed_in(database, username)
+    outcome = fit_model_calibration(
+        database, actor, load_settings(), data, model=model, adapter=adapter, progress=not as_json
+    )
+    lines = [f"{outcome.path} ({outcome.sha256[:12]})"]
+    for kind, entry in outcome.calibration.kinds.items():
+        threshold = "always abstain" if entry.threshold is None else f"abstain below {entry.threshold:.3f}"
+        if entry.held_out < MIN_FIT:
+            threshold = "too few to set a threshold"
+        lines.append(
+            f"{kind}: {entry.calibrator.method} on {entry.held_out} held-out answers; {threshold} "
+            f"(precision target {entry.precision_target:.0%})"
+        )
+    _emit(as_json, outcome.as_dict(), "\n".join(lines))
 
 
 @main.command("train")
@@ -367,9 +435,14 @@ def ask_command(
     model = load_answering_model(database, settings)
     result = ask(database, actor, settings, model, study_id, question, choice, question_type.upper())
     payload = {"answer_id": result.answer_id, "question": question, "answer": result.text}
-    payload |= {"confidence": result.confidence, "provenance": result.provenance()}
+    payload |= {"confidence": result.confidence, "raw_confidence": result.raw_confidence}
+    payload |= {"abstained": result.abstained, "provenance": result.provenance()}
     confidence = "-" if result.confidence is None else f"{result.confidence:.2f}"
-    text = f"answer {result.answer_id}: {result.text}\nconfidence {confidence}; model {result.model_ref}"
+    calibrated = "calibrated" if result.calibration else "not calibrated"
+    shown = result.text
+    if result.abstained:
+        shown = f"(not confident enough to answer; the model's raw answer was: {result.text})"
+    text = f"answer {result.answer_id}: {shown}\nconfidence {confidence} ({calibrated}); model {result.model_ref}"
     _emit(as_json, payload, text)
 
 

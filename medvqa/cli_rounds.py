@@ -67,6 +67,12 @@ def run_command(
         f"locked test set overall {100 * overall['candidate']:.1f}% vs live {100 * overall['live']:.1f}% "
         f"({100 * overall['delta']:+.1f} points); gate {verdict}"
     )
+    closed = {side: kinds.get("closed") for side, kinds in outcome.calibration.items()}
+    if closed.get("candidate") and closed.get("live"):
+        text += (
+            f"\nclosed-question calibration error (ECE) {closed['candidate']['ece']:.3f} "
+            f"vs live {closed['live']['ece']:.3f}"
+        )
     _emit(as_json, outcome.as_dict(), text)
 
 

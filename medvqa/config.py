@@ -139,6 +139,16 @@ class Settings(BaseSettings):
     round_gate_min_subgroup_questions: int = Field(
         default=10, ge=1, description="Gate: subgroups with fewer test questions are reported, not gated."
     )
+    abstain_precision_closed: float = Field(
+        default=0.85,
+        gt=0,
+        le=1,
+        description="Abstention: the precision a calibration's threshold must reach on held-out closed (yes/no) "
+        "answers; below the threshold an answer is not presented as one.",
+    )
+    abstain_precision_open: float = Field(
+        default=0.5, gt=0, le=1, description="Abstention: the same precision target for open answers."
+    )
     model_backend: str = Field(
         default="transformers",
         pattern=r"^(transformers|vllm)$",

@@ -87,3 +87,28 @@ def test_feedback_rows_survive_with_their_values(db, clinician, answer_id):
     with db.read_session() as session:
         row = session.scalars(select(Feedback)).one()
     assert (row.verdict, row.correction, row.author_id) == ("partial", "left lower lobe", clinician.user_id)
+
+
+def test_answers_given_before_calibration_existed_still_verify(db, clinician, answer_id):
+    """Migration 0005 added three NULL-able answer columns; an answer's digest recorded before it covered only the
+    older columns, so a NULL later column is left out of the digest (and a value set later is covered)."""
+    from compliance.audit_chain import row_digest
+    from medvqa.db.tracking import LATER_COLUMNS, table
+    from medvqa.services import audit
+
+    answers = table("answers")
+    with db.read_session() as session:
+        row = dict(session.execute(select(answers).where(answers.c.id == answer_id)).mappings().one())
+        recorded = next(
+            digest
+            for event in audit.iter_events(session)
+            for name, key, digest in event.details.get("row_digests", [])
+            if name == "answers" and key == answer_id
+        )
+    assert all(row[name] is None for name in LATER_COLUMNS["answers"])
+    older_columns = {key: value for key, value in row.items() if key not in LATER_COLUMNS["answers"]}
+    assert recorded == row_digest("answers", older_columns)  # what a 0004 database recorded for this answer
+    with db.engine.begin() as connection:  # an insider marks the answer abstained behind the services' back
+        connection.execute(answers.update().where(answers.c.id == answer_id).values(abstained=True))
+    report = verify(db)
+    assert not report.ok and any(f"answers {answer_id}" in problem for problem in report.row_problems)

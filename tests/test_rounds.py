@@ -5,6 +5,7 @@ reproduction from the record, the gate in front of promotion, two-person promoti
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ from medvqa.db.engine import Database
 from medvqa.errors import AccessDenied, InvalidInput
 from medvqa.model.adapters import LoraSettings, adapter_sha256
 from medvqa.services import audit, promotion
-from medvqa.services.ask import live_adapter_id
+from medvqa.services.ask import live_adapter_id, load_answering_model
 from medvqa.services.audit import Actor, verify
+from medvqa.services.confidence import CalibrationMismatch
 from medvqa.services.round_reproduce import reproduce_round
 from medvqa.services.rounds import (
     RoundOptions,
@@ -28,6 +30,7 @@ from medvqa.services.rounds import (
     request_round_promotion,
     run_round,
 )
+from medvqa.training.calibration import CALIBRATION_FILE
 from medvqa.training.locked_test import LockedTestSetMissing
 from medvqa.training.snapshot import SnapshotRefused
 from medvqa.training.train import TrainSettings
@@ -119,6 +122,18 @@ def test_a_round_records_what_went_in_and_came_out_and_reproduces(env):
     assert outcome.test["mcnemar"]["n_closed"] == 2
     ran = _events(env.db, "training:round:run")
     assert ran[-1].outcome == "success" and ran[-1].details["adapter_sha256"] == outcome.adapter_sha256
+    # The candidate's calibration: fitted on the round's validation split, beside the adapter, its hash recorded.
+    written = Path(adapter.path) / CALIBRATION_FILE
+    recorded = metrics["calibration_file"]
+    assert hashlib.sha256(written.read_bytes()).hexdigest() == recorded["sha256"]
+    assert adapter.metrics["calibration_file"] == recorded
+    stored = json.loads(written.read_text())
+    assert stored["adapter_ref"] == outcome.adapter_sha256 and stored["data"] == str(
+        Path(config["snapshot"]["folder"]) / "validation.jsonl"
+    )
+    assert sum(kind["held_out"] for kind in stored["kinds"].values()) == 2  # too few: raw confidence, no threshold
+    assert set(outcome.calibration) == {"live", "candidate"} and outcome.calibration["candidate"]
+    assert metrics["test"]["candidate"]["calibration"]["closed"]["n"] == 2
     assert _events(env.db, "training:dataset:snapshot")[-1].details["content_sha256"] == dataset.content_sha256
 
     report = reproduce_round(env.db, env.engineer, env.settings, outcome.round_id)
@@ -159,6 +174,14 @@ def test_gate_then_two_people_promote_and_rollback_is_one_step(env, tmp_path):
         promotion.approve_promotion(env.db, env.engineer, outcome.adapter_id)
     promotion.approve_promotion(env.db, env.admin, outcome.adapter_id)
     assert live_adapter_id(env.db) == outcome.adapter_id  # answers from now on name this adapter
+    assert "Calibration on the locked test set" in comparison.markdown
+    with env.db.read_session() as session:
+        calibration_file = Path(session.get(Adapter, outcome.adapter_id).path) / CALIBRATION_FILE
+    original = calibration_file.read_bytes()
+    calibration_file.write_bytes(original.replace(b'"threshold": null', b'"threshold": 0.0'))
+    with pytest.raises(CalibrationMismatch, match="was recorded for these weights"):
+        load_answering_model(env.db, env.settings)  # an edited calibration of the live adapter is refused
+    calibration_file.write_bytes(original)
     assert promotion.rollback(env.db, env.admin, "bad answers reported") is None
     assert live_adapter_id(env.db) is None
     # The snapshot, the round, the adapter and each status change are records the trail vouches for.

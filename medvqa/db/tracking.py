@@ -34,6 +34,9 @@ TRACKED_TABLES = (
     "training_rounds",
     "adapters",
 )
+# Columns added after rows could exist: a row digest leaves them out while they are NULL, so rows written
+# before the migration that added them still verify (a value set later is covered like any other column).
+LATER_COLUMNS = {"answers": frozenset({"raw_confidence", "calibration", "abstained"})}
 TOUCHED = "medvqa_touched_rows"
 CHUNK = 500
 
@@ -96,8 +99,10 @@ def _digests(session: Session, name: str, keys: Iterable[int] | None) -> Iterato
     query = select(tracked).order_by(pk)
     # A whole table is streamed (a server-side cursor on PostgreSQL, too slow for a handful of rows).
     query = query.where(pk.in_(list(keys))) if keys is not None else query.execution_options(yield_per=2_000)
+    later = LATER_COLUMNS.get(name, frozenset())
     for row in session.execute(query).mappings():
-        yield int(row[pk.name]), row_digest(name, dict(row))
+        values = {key: value for key, value in row.items() if value is not None or key not in later}
+        yield int(row[pk.name]), row_digest(name, values)
 
 
 def table_digests(session: Session, name: str) -> Iterator[tuple[int, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import JSON, Enum, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Enum, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from medvqa.db.base import Base, IntPK, JsonDict, LongText, OptionalTimestamp, Sha256, Timestamp
@@ -60,6 +60,10 @@ class Answer(Base):
     backend: Mapped[str] = mapped_column(String(32))
     latency_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[Timestamp]
+    # Calibration (migration 0005; NULL on earlier answers): `confidence` is then the calibrated one.
+    raw_confidence: Mapped[float | None] = mapped_column(Float)
+    calibration: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # file, sha256, methods, kind, threshold
+    abstained: Mapped[bool | None] = mapped_column(Boolean, index=True)  # None: no calibration judged it
 
 
 class Feedback(Base):

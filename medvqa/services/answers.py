@@ -32,6 +32,9 @@ class AnswerRecord:
     adapter_id: int | None = None
     adapter_ref: str | None = None
     decoding: dict[str, Any] = field(default_factory=dict)
+    raw_confidence: float | None = None  # before calibration; `confidence` is the calibrated one
+    calibration: dict[str, Any] | None = None  # the calibration applied (file, sha256, methods, kind, threshold)
+    abstained: bool | None = None  # None: no calibration judged the answer
 
 
 def record_answer(
@@ -69,6 +72,8 @@ def record_answer(
             "adapter_ref": answer.adapter_ref,
             "prompt_version": answer.prompt_version,
             "preprocess_hash": answer.preprocess_hash,
+            "calibration_sha256": (answer.calibration or {}).get("sha256"),
+            "abstained": answer.abstained,
         }
         audit.record(session, actor, Action.QUESTION_ASK, "answer", row.id, details=provenance)
         return row

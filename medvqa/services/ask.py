@@ -23,6 +23,7 @@ from medvqa.imaging.series import Window
 from medvqa.services.access import authorize
 from medvqa.services.answers import AnswerRecord, record_answer
 from medvqa.services.audit import Actor
+from medvqa.services.confidence import Judged, judge
 from medvqa.services.images import model_input
 from medvqa.services.question_types import infer_question_type
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from medvqa.model.loading import LoadedModel
     from medvqa.model.vllm_backend import VLLMClient
+    from medvqa.training.calibration import LoadedCalibration
 
 BACKEND = "transformers"
 # Question templates by VQA-RAD question type; "{finding}" is filled in by the clinician.
@@ -56,6 +58,7 @@ class ServingModel:
     loaded: LoadedModel | VLLMClient
     adapter_id: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+    calibration: LoadedCalibration | None = None  # of the weights that answer (services/confidence.py)
 
     @property
     def backend(self) -> str:
@@ -85,7 +88,7 @@ class AskResult:
     question: str
     question_type: str
     text: str
-    confidence: float | None
+    confidence: float | None  # calibrated when the weights carry a calibration, else the model's own
     model_ref: str
     adapter_ref: str | None
     prompt_version: str
@@ -93,6 +96,9 @@ class AskResult:
     latency_ms: float
     image: Image = field(repr=False)
     selection: dict[str, Any] = field(default_factory=dict)
+    raw_confidence: float | None = None
+    abstained: bool | None = None  # True: below the abstention threshold; None: no calibration judged it
+    calibration: dict[str, Any] | None = None  # the calibration applied: file, sha256, methods, kind, threshold
 
     def provenance(self) -> dict[str, Any]:
         """What produced the answer, as shown in the provenance panel and printed by `medvqa ask --json`."""
@@ -103,6 +109,7 @@ class AskResult:
             "preprocess_hash": self.preprocess_hash,
             "latency_ms": round(self.latency_ms, 1),
             "image": {k: v for k, v in self.selection.items() if k != "instance_uids"},
+            "calibration": self.calibration or "none (raw confidence, not calibrated)",
         }
 
 
@@ -120,20 +127,31 @@ def load_answering_model(db: Database, settings: Settings) -> ServingModel:
     """The workbench's model: MEDVQA_BASE_MODEL (or the default model) with the live adapter, if any."""
     from medvqa.model.adapters import load_adapter
     from medvqa.model.loading import load_vlm
-    from medvqa.services.evaluation import base_model_path
+    from medvqa.services.confidence import calibration_for
+    from medvqa.services.evaluation import base_model_path, recorded_calibration
 
     with db.read_session() as session:
         live = session.scalars(select(Adapter).where(Adapter.status == AdapterStatus.LIVE)).first()
         adapter = (live.id, live.path) if live else None
         remote = (live.sha256, live.base_model_ref) if live else (None, None)
+    recorded = recorded_calibration(db, adapter[0] if adapter else None)
+    adapter_dir = Path(adapter[1]) if adapter else None
     if settings.model_backend == "vllm":
         from medvqa.model.vllm_backend import connect_vllm
 
-        return ServingModel(connect_vllm(settings, *remote), adapter_id=adapter[0] if adapter else None)
-    loaded = load_vlm(base_model_path(settings), device=settings.device)
-    if adapter is None:
-        return ServingModel(loaded)
-    return ServingModel(load_adapter(loaded, Path(adapter[1])), adapter_id=adapter[0])
+        client = connect_vllm(settings, *remote)
+        calibration = calibration_for(
+            None, adapter_dir, model_ref=client.model_ref, adapter_ref=client.adapter_ref, recorded_sha256=recorded
+        )
+        return ServingModel(client, adapter_id=adapter[0] if adapter else None, calibration=calibration)
+    model_dir = base_model_path(settings)
+    loaded = load_vlm(model_dir, device=settings.device)
+    if adapter_dir is not None:
+        loaded = load_adapter(loaded, adapter_dir)
+    calibration = calibration_for(
+        model_dir, adapter_dir, model_ref=loaded.model_ref, adapter_ref=loaded.adapter_ref, recorded_sha256=recorded
+    )
+    return ServingModel(loaded, adapter_id=adapter[0] if adapter else None, calibration=calibration)
 
 
 def ask(
@@ -162,6 +180,8 @@ def ask(
     else:
         with model.lock:
             result = answer(model.loaded, prepared.image, question)
+    judged = judge(model.calibration, question, result.confidence)
+    calibration = None if judged.calibration is None else judged.calibration | calibration_detail(judged)
     record = AnswerRecord(
         text=result.text,
         model_ref=result.model_ref,
@@ -169,11 +189,14 @@ def ask(
         preprocess_hash=prepared.preprocess_hash,
         backend=model.backend,
         latency_ms=result.latency_ms,
-        confidence=result.confidence,
+        confidence=judged.confidence,
         token_scores=result.token_scores,
         adapter_id=model.adapter_id,
         adapter_ref=result.adapter_ref,
         decoding=result.decoding,
+        raw_confidence=judged.raw_confidence,
+        calibration=calibration,
+        abstained=None if calibration is None else judged.abstained,
     )
     row = record_answer(
         db,
@@ -193,7 +216,7 @@ def ask(
         question=question,
         question_type=question_type,
         text=result.text,
-        confidence=result.confidence,
+        confidence=judged.confidence,
         model_ref=result.model_ref,
         adapter_ref=result.adapter_ref,
         prompt_version=result.prompt_version,
@@ -201,7 +224,15 @@ def ask(
         latency_ms=result.latency_ms,
         image=prepared.image,
         selection=prepared.selection,
+        raw_confidence=judged.raw_confidence,
+        abstained=record.abstained,
+        calibration=calibration,
     )
+
+
+def calibration_detail(judged: Judged) -> dict[str, Any]:
+    """What an answer records of the judgement beside the calibration file: its kind and the threshold."""
+    return {"kind": judged.kind, "threshold": judged.threshold, "precision_target": judged.precision_target}
 
 
 def resolve_series(db: Database, study_id: int, series_id: int | None) -> int:

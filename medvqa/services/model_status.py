@@ -35,6 +35,7 @@ class ModelStatus:
     blind_closed: float | None = None
     open_exact: float | None = None
     data: str | None = None
+    calibration: dict[str, Any] | None = None  # EvalReport.calibration() on the same data, when measured
 
     def banner(self) -> str:
         """One paragraph shown with every answer."""
@@ -83,6 +84,7 @@ def _from_metrics(name: str, metrics: dict[str, Any]) -> ModelStatus:
         blind_closed=_fraction((blind or {}).get("closed_accuracy")),
         open_exact=_fraction(metrics.get("open_exact_match")),
         data=str(metrics["data"]) if metrics.get("data") else None,
+        calibration=metrics["calibration"] if isinstance(metrics.get("calibration"), dict) else None,
     )
 
 

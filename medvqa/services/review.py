@@ -53,8 +53,8 @@ class ReviewInput:
 
 
 def review_queue(db: Database, actor: Actor, search: QueueFilter = QueueFilter()) -> list[dict[str, Any]]:
-    """Answers this reviewer has not read and that still need a reading: disagreements first, then lowest
-    confidence first (no confidence counts as lowest)."""
+    """Answers this reviewer has not read and that still need a reading: answers the model abstained on first
+    (it said it was not confident), then disagreements, then lowest confidence first (none counts as lowest)."""
     authorize(db, actor, Action.REVIEW_CREATE, "answer")
     with db.read_session() as session:
         rows = session.execute(
@@ -78,6 +78,7 @@ def review_queue(db: Database, actor: Actor, search: QueueFilter = QueueFilter()
                 "question": question.text,
                 "answer": answer.text,
                 "confidence": answer.confidence,
+                "abstained": bool(answer.abstained),
                 "modality": modality,
                 "question_type": question.question_type,
                 "adapter": answer.adapter_ref or "none",
@@ -86,7 +87,13 @@ def review_queue(db: Database, actor: Actor, search: QueueFilter = QueueFilter()
                 "disagreement": len(verdicts) > 1 or bool(verdicts - {Verdict.CORRECT.value}),
             }
         )
-    queue.sort(key=lambda r: (not r["disagreement"], -1.0 if r["confidence"] is None else r["confidence"]))
+    queue.sort(
+        key=lambda r: (
+            not r["abstained"],
+            not r["disagreement"],
+            -1.0 if r["confidence"] is None else r["confidence"],
+        )
+    )
     return queue
 
 

@@ -29,12 +29,16 @@ from medvqa.model.adapters import LoraSettings
 from medvqa.services import audit, promotion
 from medvqa.services.access import authorize
 from medvqa.services.audit import Actor
-from medvqa.services.evaluation import base_model_path
+from medvqa.services.calibration import calibration_from_report
+from medvqa.services.calibration import summary as calibration_summary
+from medvqa.services.confidence import RECORDED_KEY, calibration_for, recalibrated
+from medvqa.services.evaluation import base_model_path, recorded_calibration
 from medvqa.services.transaction import write
+from medvqa.training.calibration import LoadedCalibration
 from medvqa.training.compare import Comparison, GateSettings, compare_reports, comparison_markdown, write_chart
 from medvqa.training.data import VQAExample, load_vqa_jsonl
 from medvqa.training.locked_test import LockedTestSet, load_locked_test_set
-from medvqa.training.metrics import EvalReport
+from medvqa.training.metrics import EvalReport, Prediction
 from medvqa.training.provenance import code_version, environment, file_sha256, mixed_training_file
 from medvqa.training.snapshot import Snapshot, check_no_leak, freeze_snapshot
 from medvqa.training.train import TrainSettings, train_adapter
@@ -62,6 +66,7 @@ class RoundOutcome:
     gate_reasons: tuple[str, ...]
     test: dict[str, Any]  # comparison on the locked test set
     validation: dict[str, Any]  # comparison on the round's validation split
+    calibration: dict[str, Any] = field(default_factory=dict)  # locked test set, live and candidate (calibrated)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "gate_reasons": list(self.gate_reasons)}
@@ -102,11 +107,28 @@ def _run(db: Database, actor: Actor, settings: Settings, options: RoundOptions, 
     validation = load_vqa_jsonl(snapshot.validation_file)
     sets = {"test": locked.examples, "validation": validation}
     candidate = score_adapter(base, adapter_dir, sets, settings.device)
-    current = score_adapter(base, live_adapter[2] if live_adapter else None, sets, settings.device)
+    # The candidate's calibration is fitted on its validation answers (raw), never on the locked test set.
+    fitted = calibration_from_report(
+        candidate["validation"], settings, candidate["test"].model_ref, result.adapter_sha256, snapshot.validation_file
+    )
+    path, sha256 = fitted.save(adapter_dir)
+    calibration = LoadedCalibration(fitted, path, sha256)
+    candidate = {name: recalibrated(report, calibration) for name, report in candidate.items()}
+    live_dir = live_adapter[2] if live_adapter else None
+    current = score_adapter(base, live_dir, sets, settings.device)
+    live_calibration = calibration_for(
+        base,
+        live_dir,
+        model_ref=current["test"].model_ref,
+        adapter_ref=current["test"].adapter_ref,
+        recorded_sha256=recorded_calibration(db, live_adapter[0] if live_adapter else None),
+    )
+    current = {name: recalibrated(report, live_calibration) for name, report in current.items()}
     gate = GateSettings.from_settings(settings)
     comparisons = {name: compare_reports(candidate[name], current[name], gate) for name in sets}
     config = _config(options, base, snapshot, settings, data, locked, gate, live_adapter, since)
     metrics = _metrics(candidate, current, comparisons, result.as_dict())
+    metrics[RECORDED_KEY] = calibration_summary(fitted, sha256)
     record = RoundRecord(snapshot, started, config, metrics, adapter_dir, result.adapter_sha256, candidate["test"])
     return _save(db, actor, settings, options, record)
 
@@ -144,7 +166,8 @@ def _train(db: Database, base: Path, data: Path, root: Path, options: RoundOptio
 def score_adapter(
     base: Path, adapter: Path | None, sets: dict[str, list[VQAExample]], device: str
 ) -> dict[str, EvalReport]:
-    """Answer every question of each set greedily with `base` (+ `adapter`; None: the bare base) and score it."""
+    """Answer every question of each set greedily with `base` (+ `adapter`; None: the bare base) and score it,
+    keeping each answer's raw confidence (`recalibrated` applies a calibration afterwards)."""
     from PIL.Image import Image
 
     from medvqa.model.adapters import load_adapter
@@ -156,8 +179,9 @@ def score_adapter(
     if adapter is not None:
         loaded = load_adapter(loaded, adapter)
 
-    def predict(image: Image, question: str) -> str:
-        return answer(loaded, image, question).text
+    def predict(image: Image, question: str) -> Prediction:
+        result = answer(loaded, image, question)
+        return Prediction(result.text, result.confidence, result.confidence)
 
     return {
         name: evaluate(examples, predict).with_provenance(
@@ -282,7 +306,7 @@ def _save(db: Database, actor: Actor, settings: Settings, options: RoundOptions,
             path=str(record.adapter_dir),
             base_model_ref=model_ref,
             round_id=row.id,
-            metrics=record.candidate_test.to_json() | {"gate": gate},
+            metrics=record.candidate_test.to_json() | {"gate": gate, RECORDED_KEY: record.metrics[RECORDED_KEY]},
             status=AdapterStatus.CANDIDATE,
         )
         session.add(adapter)
@@ -299,9 +323,48 @@ def _save(db: Database, actor: Actor, settings: Settings, options: RoundOptions,
             tuple(gate["reasons"]),
             record.metrics["test"]["comparison"],
             record.metrics["validation"]["comparison"],
+            calibration_brief(record.metrics["test"]),
         )
 
     return write(db, work)
+
+
+CALIBRATION_FIGURES = ("n", "accuracy", "mean_confidence", "ece", "brier", "aurc")
+
+
+def calibration_brief(test: dict[str, Any]) -> dict[str, Any]:
+    """Per side (live, candidate) and kind (closed, open): the headline calibration figures on the locked test set,
+    and the share of answers presented (not abstained) with their accuracy."""
+    brief: dict[str, Any] = {}
+    for side in ("live", "candidate"):
+        figures = test.get(side, {}).get("calibration") or {}
+        brief[side] = {
+            kind: {key: figures[kind][key] for key in CALIBRATION_FIGURES}
+            | {"presented": figures[kind + "_abstention"]}
+            for kind in ("closed", "open")
+            if figures.get(kind)
+        }
+    return brief
+
+
+def calibration_markdown(test: dict[str, Any]) -> str:
+    """The gate's calibration table: live and candidate side by side on the locked test set."""
+    lines = [
+        "### Calibration on the locked test set (each side with its own calibration)",
+        "",
+        "| side | kind | n | accuracy | mean confidence | ECE | Brier | AURC | presented | presented accuracy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for side, kinds in calibration_brief(test).items():
+        for kind, data in kinds.items():
+            shown = data["presented"]
+            coverage = "-" if shown["coverage"] is None else f"{100 * shown['coverage']:.1f}%"
+            accuracy = "-" if shown["accuracy"] is None else f"{100 * shown['accuracy']:.1f}%"
+            lines.append(
+                f"| {side} | {kind} | {data['n']} | {100 * data['accuracy']:.1f}% | {data['mean_confidence']:.3f} "
+                f"| {data['ece']:.3f} | {data['brier']:.3f} | {data['aurc']:.3f} | {coverage} | {accuracy} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def list_rounds(db: Database, actor: Actor) -> list[dict[str, Any]]:
@@ -354,6 +417,7 @@ def compare_round(db: Database, actor: Actor, round_id: int, out_dir: Path) -> R
     sections = [f"## Round {round_id}: candidate against {against}", ""]
     for name, label in (("test", "Locked test set"), ("validation", "Round validation split (by patient)")):
         sections.append(comparison_markdown(metrics[name]["comparison"], label))
+    sections.append(calibration_markdown(metrics["test"]))
     chart = write_chart(metrics["test"]["comparison"], out_dir / f"round-{round_id}.png")
     data = {name: metrics[name]["comparison"] for name in ("test", "validation")} | {"gate": metrics["gate"]}
     return RoundComparison(round_id, "\n".join(sections), chart, data)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
-from medvqa.db import Adapter, AuditEvent, Instance, Review
+from medvqa.db import Adapter, AdapterStatus, AuditEvent, Instance, Review
+from medvqa.training.data import VQAExample
+from medvqa.training.metrics import Prediction, score
 from tests import factories
 from tests.workbench.apptest import errors, on_page, signed_in
 from tests.workbench.conftest import import_ct
@@ -136,3 +140,30 @@ def test_agreement_without_double_readings_shows_a_sentence_not_an_empty_chart(d
     notices = [element.value for element in app.info]
     assert "No answer has been read by two reviewers yet: agreement appears once one has." in notices
     assert app.get("vega_lite_chart") == [] and [m.value for m in app.metric] == ["-", "0"]
+
+
+def test_models_page_shows_how_far_the_live_models_confidences_hold(db, app_env):
+    engineer = factories.make_user(db, "ml_engineer")
+    app = signed_in(engineer).run()
+    assert any("have not been measured" in info.value for info in app.info)  # the tiny model: never measured
+    examples = [
+        VQAExample(
+            str(i),
+            Path("x.png"),
+            "Is it?" if i % 2 else "Where?",
+            "yes",
+            "CLOSED" if i % 2 else "OPEN",
+            "PRES",
+            "CHEST",
+        )
+        for i in range(40)
+    ]
+    report = score(examples, [Prediction("yes" if i % 3 else "no", 0.5 + i / 100, 0.5 + i / 100) for i in range(40)])
+    make_adapter(db, "calibrated", AdapterStatus.LIVE, metrics={"calibration": report.calibration(), "data": "t.jsonl"})
+    app = signed_in(engineer).run()
+    assert not app.exception and not errors(app)
+    [table] = [frame.value for frame in app.dataframe if "ECE" in frame.value.columns]
+    assert list(table["answers"]) == ["closed", "open"] and list(table["n"]) == [20, 20]
+    assert table["ECE"][0] == pytest.approx(report.calibration()["closed"]["ece"])
+    captions = [str(image.proto) for image in app.get("image")]
+    assert any("Reliability" in caption for caption in captions) and any("Risk-coverage" in c for c in captions)

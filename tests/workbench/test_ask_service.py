@@ -48,7 +48,18 @@ def test_ask_stores_the_answer_with_the_image_and_provenance(db, settings, ct_st
     assert question.question_type == "PRES" and question.asked_by == clinician.user_id
     assert event.action == "answer:question:ask" and event.details["preprocess_hash"] == result.preprocess_hash
     assert result.image.size == (384, 384)
-    assert set(result.provenance()) == {"model", "adapter", "prompt_version", "preprocess_hash", "latency_ms", "image"}
+    provenance = result.provenance()
+    assert set(provenance) == {
+        "model",
+        "adapter",
+        "prompt_version",
+        "preprocess_hash",
+        "latency_ms",
+        "image",
+        "calibration",
+    }
+    assert provenance["calibration"] == "none (raw confidence, not calibrated)"  # the tiny model carries none
+    assert row.abstained is None and row.raw_confidence == row.confidence == result.confidence
     montage = ask(db, clinician, settings, model, study_id, "Is this normal?", ImageChoice(slices=(0, 1, 2)))
     assert montage.selection["kind"] == "montage" and montage.preprocess_hash != result.preprocess_hash
     assert montage.question_type == "ABN"  # typed without a template: the type is inferred and stored

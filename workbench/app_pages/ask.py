@@ -214,7 +214,14 @@ def _type(template):
 
 
 # A confident yes/no can come from the question's wording alone (the model card's blind and shuffled baselines).
-CONFIDENCE_NOTE = "Confidence is the model's certainty in its own words, not how often it is right: check the image."
+CONFIDENCE_NOTE = (
+    "Not calibrated: this confidence is the model's certainty in its own words, not how often it is right. "
+    "Check the image."
+)
+CALIBRATED_NOTE = (
+    "Calibrated on held-out questions: of past answers at this confidence, about this share were right. "
+    "It does not replace reading the image."
+)
 
 
 def answer_panel(result: AskResult):
@@ -225,10 +232,14 @@ def answer_panel(result: AskResult):
         with st.expander("Model card: what the model is, how it was measured, what it must not be used for"):
             st.markdown(model_card())
     st.text(f"Q: {result.question}")  # typed by a person: shown as text too
-    st.text(result.text or "(the model gave no answer)")  # plain text: never markdown or HTML from the model
+    if result.abstained:
+        abstention_notice(result)
+    else:
+        st.text(result.text or "(the model gave no answer)")  # plain text: never markdown or HTML from the model
     if result.confidence is not None:
-        st.progress(float(result.confidence), text=f"confidence {result.confidence:.2f}")
-        st.caption(CONFIDENCE_NOTE)
+        calibrated = "calibrated" if result.calibration else "not calibrated"
+        st.progress(float(result.confidence), text=f"confidence {result.confidence:.2f} ({calibrated})")
+        st.caption(CALIBRATED_NOTE if result.calibration else CONFIDENCE_NOTE)
     else:
         st.caption("no confidence available")
     left, right = st.columns([1, 2])
@@ -236,6 +247,20 @@ def answer_panel(result: AskResult):
     with right:
         st.caption("Provenance")
         st.json(result.provenance())
+
+
+def abstention_notice(result: AskResult):
+    """Below the threshold the answer is not presented as one; the raw answer stays one click away."""
+    detail = result.calibration or {}
+    threshold = detail.get("threshold")
+    below = "no confidence reaches" if threshold is None else f"below the threshold {threshold:.2f} that reaches"
+    st.warning(
+        f"The model is not confident enough to answer (confidence {result.confidence or 0:.2f}, {below} its "
+        f"precision target on held-out {detail.get('kind', '')} questions). This question is now at the top of "
+        "the review queue."
+    )
+    if st.toggle("Show the model's raw answer anyway", key=f"raw_{result.answer_id}"):
+        st.text(f"Raw answer (not confident): {result.text or '(none)'}")
 
 
 def feedback_form(actor, result: AskResult):

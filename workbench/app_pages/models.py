@@ -4,10 +4,15 @@ approval) and one-step rollback."""
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
 from compliance.policy import Action
+from medvqa.services.model_status import live_model_status
 from medvqa.services.promotion import approve_promotion, compare_metrics, list_adapters, request_promotion, rollback
 from workbench import resources
 from workbench.auth import attempt, perform, require, show_notice
@@ -45,10 +50,52 @@ def actions(actor, chosen) -> None:
         perform(lambda: rollback(db, actor, reason), "Rolled back to the adapter that was live before.")
 
 
+CALIBRATION_COLUMNS = {
+    "n": "n",
+    "accuracy": "accuracy",
+    "mean_confidence": "mean confidence",
+    "ece": "ECE",
+    "brier": "Brier",
+    "aurc": "AURC",
+}
+
+
+def calibration_section(status) -> None:
+    """How far the live model's confidences hold on its locked test set: a table, the reliability diagram and
+    the risk-coverage curve (docs/calibration.md explains each figure)."""
+    st.subheader("Confidence of the live model")
+    figures = status.calibration if status is not None else None
+    if not figures or not any(figures.get(kind) for kind in ("closed", "open")):
+        st.info("The live model's confidences have not been measured against its locked test set yet.")
+        return
+    rows = []
+    for kind in ("closed", "open"):
+        data = figures.get(kind)
+        if data:
+            row = {"answers": kind} | {label: data[key] for key, label in CALIBRATION_COLUMNS.items()}
+            row |= {f"accuracy @{float(c):.0%} coverage": v for c, v in data["selective_accuracy"].items()}
+            rows.append(row)
+    st.caption(f"{status.name}, on {status.data or 'its locked test set'}")
+    st.dataframe(rows, hide_index=True, width="stretch")
+    plots = _plots(json.dumps(figures, sort_keys=True))
+    left, right = st.columns(2)
+    left.image(str(plots["reliability"]), caption="Reliability: accuracy against confidence (diagonal: calibrated)")
+    right.image(str(plots["risk_coverage"]), caption="Risk-coverage: error of the most confident answers kept")
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _plots(figures_json: str) -> dict[str, Path]:
+    from medvqa.training.calibration import write_plots
+
+    folder = Path(tempfile.mkdtemp(prefix="medvqa-calibration-"))
+    return write_plots(json.loads(figures_json), folder)
+
+
 def page() -> None:
     actor = require(Action.ADAPTER_READ)
     st.title("Models and rounds")
     show_notice()
+    calibration_section(attempt(lambda: live_model_status(resources.database(), resources.settings())))
     adapters = attempt(lambda: list_adapters(resources.database(), actor)) or []
     if not adapters:
         st.info("No adapters yet: a fine-tuning round registers its adapter here as a candidate.")

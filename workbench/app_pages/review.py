@@ -42,7 +42,10 @@ def queue_tab(actor) -> None:
     everything = attempt(lambda: review_queue(db, actor)) or []
     search = queue_filters(everything)
     rows = attempt(lambda: review_queue(db, actor, search)) or []
-    st.caption(f"{len(rows)} answer(s) to judge: disagreements first, then the lowest confidence")
+    st.caption(
+        f"{len(rows)} answer(s) to judge: those the model abstained on first, then disagreements, "
+        "then the lowest confidence"
+    )
     st.dataframe(rows, hide_index=True, width="stretch", height=220)
     if not rows:
         return
@@ -63,13 +66,25 @@ def show_answer(actor, detail) -> None:
     with right:
         st.text(f"Q: {detail['question']}")
         st.text(detail["answer"] or "(no answer)")  # plain text: never markdown or HTML from the model
+        if detail["abstained"]:
+            st.warning("The model abstained: this answer was below its confidence threshold, not shown as an answer.")
         if detail["confidence"] is not None:
-            st.progress(float(detail["confidence"]), text=f"confidence {detail['confidence']:.2f}")
+            calibrated = "calibrated" if detail["calibration"] else "not calibrated"
+            st.progress(float(detail["confidence"]), text=f"confidence {detail['confidence']:.2f} ({calibrated})")
         for item in detail["feedback"]:
             correction = f"; correction: {item['correction']}" if item["correction"] else ""
             st.text(f"rated {item['verdict']}{correction}")  # people's words are shown as text as well
         with st.expander("Provenance"):
-            keys = ("model_ref", "adapter_ref", "prompt_version", "preprocess_hash", "latency_ms", "image_selection")
+            keys = (
+                "model_ref",
+                "adapter_ref",
+                "prompt_version",
+                "preprocess_hash",
+                "latency_ms",
+                "image_selection",
+                "raw_confidence",
+                "calibration",
+            )
             st.json({k: detail[k] for k in keys})
 
 
