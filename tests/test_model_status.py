@@ -22,6 +22,10 @@ def test_the_default_model_shows_its_shipped_test_figures(db, tmp_path):
         "Check every answer against the image."
     )
     assert "59.6%" in model_card()  # the same figures as the model card the banner opens
+    # how far its (raw) confidences held on the same 451 questions, for the Models page
+    closed, opened = status.calibration["closed"], status.calibration["open"]
+    assert (closed["n"], opened["n"]) == (272, 179) and closed["accuracy"] == pytest.approx(0.596, abs=1e-3)
+    assert closed["ece"] == pytest.approx(0.088, abs=1e-3) and opened["ece"] == pytest.approx(0.299, abs=1e-3)
 
 
 def test_a_live_adapter_shows_its_rounds_figures(db, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -501,7 +502,7 @@ def write_plots(figures: dict[str, Any], folder: Path, title: str = "") -> dict[
         axis.set_title(f"{kind} (n={data['n']}): ECE {data['ece']:.3f}")
         axis.legend(loc="upper left", fontsize="small")
     if title:
-        fig.suptitle(title, fontsize="medium")
+        fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize="small")
     fig.tight_layout()
     fig.savefig(paths["reliability"], dpi=110)
     plt.close(fig)
@@ -514,7 +515,7 @@ def write_plots(figures: dict[str, Any], folder: Path, title: str = "") -> dict[
         coverage, risk = zip(*data["curve"], strict=True)
         axis.plot(coverage, risk, color=colour, label=f"{kind} (AURC {data['aurc']:.3f})")
     axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="coverage (share of answers kept, most confident first)", ylabel="risk")
-    axis.set_title(title or "Risk-coverage")
+    axis.set_title("\n".join(textwrap.wrap(title or "Risk-coverage", 60)), fontsize="small")
     axis.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(paths["risk_coverage"], dpi=110)
