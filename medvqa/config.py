@@ -139,6 +139,13 @@ class Settings(BaseSettings):
     round_gate_min_subgroup_questions: int = Field(
         default=10, ge=1, description="Gate: subgroups with fewer test questions are reported, not gated."
     )
+    eval_batch_size: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Questions answered per generate call when scoring (eval, calibrate, rounds): batched greedy "
+        "decoding gives the answers one at a time gives, faster. 1 scores one at a time.",
+    )
     abstain_precision_closed: float = Field(
         default=0.85,
         gt=0,

@@ -434,3 +434,17 @@ def test_the_shipped_weights_fold_into_the_default_model_and_answer_a_radiograph
     assert closed.text.lower() in ("yes", "no") and closed.confidence is not None
     opened = answer(model, image.convert("RGB"), "What imaging modality is this?")
     assert opened.text and len(opened.text.split()) <= 8 and opened.confidence is not None
+
+    # Batched greedy decoding (how eval, calibrate and rounds score) gives exactly the one-at-a-time answers.
+    from medvqa.model.generation import answer_batch
+
+    folder = Path(__file__).resolve().parents[2] / "shared/data/vqa-rad/images"
+    images = [Image.open(path).convert("RGB") for path in sorted(folder.glob("*.jpg"))[:3]]
+    questions = ["Is there a mass in the brain?", "What imaging modality is this?", "In which plane was this taken?"]
+    pairs = [(img, q) for img in images for q in questions]
+    batched = answer_batch(model, [img for img, _ in pairs], [q for _, q in pairs])
+    for (img, question), together in zip(pairs, batched, strict=True):
+        alone = answer(model, img, question)
+        assert together.text == alone.text and len(together.token_scores) == len(alone.token_scores)
+        assert together.token_scores == pytest.approx(alone.token_scores, abs=1e-4)
+        assert together.confidence == pytest.approx(alone.confidence, abs=1e-4)

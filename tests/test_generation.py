@@ -254,3 +254,27 @@ def test_importing_the_model_modules_stays_cheap() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("family", LOADABLE)
+def test_batched_answers_are_the_one_at_a_time_answers(models: Callable[[str], LoadedModel], family: str) -> None:
+    """Left padding, the processor's own batching and the KV cache change nothing a reader or a score sees:
+    the same text, the same number of tokens, the same per-token scores and confidence."""
+    from medvqa.model.generation import answer_batch
+
+    loaded = models(family)
+    sizes = [(40, 48), (64, 32), (48, 48), (32, 80)]
+    images = [Image.new("RGB", size, (17 * i, 255 - 40 * i, 90)) for i, size in enumerate(sizes)]
+    questions = ["Is there a fracture?", "Where is the lesion located in this long question?", "What?", "Is it CT?"]
+    together = answer_batch(loaded, images, questions, SHORT)
+    for image, question, batched in zip(images, questions, together, strict=True):
+        alone = answer(loaded, image, question, SHORT)
+        assert batched.text == alone.text and len(batched.token_scores) == len(alone.token_scores)
+        assert batched.token_scores == pytest.approx(alone.token_scores, abs=1e-4)
+        assert (batched.confidence is None) == (alone.confidence is None)
+        if alone.confidence is not None:
+            assert batched.confidence == pytest.approx(alone.confidence, abs=1e-4)
+        assert (batched.model_ref, batched.prompt_version) == (alone.model_ref, alone.prompt_version)
+    assert answer_batch(loaded, [], []) == []
+    with pytest.raises(InvalidInput, match="one image per question"):
+        answer_batch(loaded, images[:1], questions)

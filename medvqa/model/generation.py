@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,98 @@ def answer(
         decoding=settings.as_dict(),
         latency_ms=latency_ms,
     )
+
+
+def answer_batch(
+    loaded: LoadedModel,
+    images: Sequence[Image],
+    questions: Sequence[str],
+    settings: GenerationSettings = GenerationSettings(),
+    prompt_version: str = DEFAULT_PROMPT_VERSION,
+) -> list[Answer]:
+    """`answer` for several (image, question) pairs in one left-padded `generate` call (the processor's own
+    batching, KV cache): the same greedy tokens, scores and confidences as one at a time (tests compare them),
+    at a fraction of the time. Each answer's latency is its share of the batch's wall time."""
+    import torch
+
+    if len(images) != len(questions):
+        raise InvalidInput(f"{len(images)} images for {len(questions)} questions; give one image per question")
+    if not questions:
+        return []
+    template = load_prompt(prompt_version)
+    start = time.perf_counter()
+    inputs = build_batch_inputs(loaded, template, images, questions)
+    with torch.inference_mode():
+        output = loaded.model.generate(
+            **inputs, **_generate_kwargs(settings), output_logits=True, return_dict_in_generate=True
+        )
+    latency_ms = (time.perf_counter() - start) * 1000.0 / len(questions)
+    stops = _stop_ids(loaded)
+    prompt_length = inputs["input_ids"].shape[1]
+    tokenizer = loaded.processor.tokenizer
+    answers = []
+    for row, question in enumerate(questions):
+        generated: list[int] = output.sequences[row, prompt_length:].tolist()
+        end = next((i + 1 for i, token in enumerate(generated) if token in stops), len(generated))
+        new_tokens = generated[:end]  # what one-at-a-time decoding returns: up to and with the first stop token
+        logprobs = [torch.log_softmax(output.logits[step][row].float(), dim=-1) for step in range(end)]
+        token_scores = [float(logprobs[i][token]) for i, token in enumerate(new_tokens)]
+        answers.append(
+            Answer(
+                text=printable(tokenizer.decode(new_tokens, skip_special_tokens=True)),
+                token_scores=token_scores,
+                confidence=_confidence(tokenizer, template, question, new_tokens, logprobs, token_scores),
+                model_ref=loaded.model_ref,
+                adapter_ref=loaded.adapter_ref,
+                prompt_version=template.version,
+                decoding=settings.as_dict(),
+                latency_ms=latency_ms,
+            )
+        )
+    return answers
+
+
+def _stop_ids(loaded: LoadedModel) -> set[int]:
+    """The token ids that end a generation (the generation config's end-of-sequence ids)."""
+    eos = loaded.model.generation_config.eos_token_id
+    if eos is None:
+        eos = loaded.processor.tokenizer.eos_token_id
+    return {int(token) for token in (eos if isinstance(eos, list | tuple) else [eos]) if token is not None}
+
+
+def build_batch_inputs(
+    loaded: LoadedModel, template: PromptTemplate, images: Sequence[Image], questions: Sequence[str]
+) -> Any:
+    """Model inputs for a batch, padded on the left so that every prompt ends where generation starts."""
+    processor = loaded.processor
+    tokenizer = processor.tokenizer
+    reserved = reserved_tokens(processor)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        if getattr(processor, "chat_template", None):
+            system_role = accepts_system_role(processor, template)
+            conversations = [
+                build_messages(template, question, system_role=system_role, reserved=reserved) for question in questions
+            ]
+            inputs = processor.apply_chat_template(
+                conversations,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"images": [[image] for image in images], "padding": True},
+            )
+        else:  # e.g. PaliGemma ships no chat template
+            texts = [
+                plain_prompt(processor, build_messages(template, question, system_role=False, reserved=reserved))
+                for question in questions
+            ]
+            inputs = processor(text=texts, images=list(images), padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    inputs.pop("labels", None)
+    return inputs.to(loaded.model.device, dtype=loaded.model.dtype)
 
 
 def build_inputs(loaded: LoadedModel, template: PromptTemplate, image: Image, question: str) -> Any:

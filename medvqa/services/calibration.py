@@ -96,7 +96,7 @@ def fit_model_calibration(
     examples = load_vqa_jsonl(data)
     check_not_locked(settings, examples, data)
     evaluated = open_evaluated_model(db, settings, model, adapter, calibrated=False)
-    report = evaluate(examples, calibrated_predictor(evaluated), progress=progress)
+    report = evaluate(examples, calibrated_predictor(evaluated, settings.eval_batch_size), progress=progress)
     loaded = evaluated.loaded
     calibration = calibration_from_report(report, settings, loaded.model_ref, loaded.adapter_ref, data)
     folder = evaluated.adapter_dir or evaluated.model_dir

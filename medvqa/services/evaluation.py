@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,11 +14,11 @@ from medvqa.config import Settings
 from medvqa.db import Adapter, AdapterStatus
 from medvqa.db.engine import Database
 from medvqa.errors import NotFound
-from medvqa.model.generation import answer
+from medvqa.model.generation import answer_batch
 from medvqa.model.loading import load_vlm
 from medvqa.services.confidence import RECORDED_KEY, calibration_for, judge
 from medvqa.training.data import load_vqa_jsonl
-from medvqa.training.evaluate import Predictor, compare_with_baselines, evaluate
+from medvqa.training.evaluate import Batched, compare_with_baselines, evaluate
 from medvqa.training.metrics import EvalReport, Prediction
 
 if TYPE_CHECKING:
@@ -96,15 +97,18 @@ def open_evaluated_model(
     return EvaluatedModel(loaded, model_dir, folder, adapter_id, calibration)
 
 
-def calibrated_predictor(model: EvaluatedModel) -> Predictor:
-    """Answers with the confidence a clinician would see (calibrated, abstention decided) and the raw one."""
+def calibrated_predictor(model: EvaluatedModel, batch_size: int = 1) -> Batched:
+    """Answers (`batch_size` per generate call) with the confidence a clinician would see (calibrated,
+    abstention decided) and the raw one."""
 
-    def predict(image: Image.Image, question: str) -> Prediction:
-        result = answer(model.loaded, image, question)
-        judged = judge(model.calibration, question, result.confidence)
-        return Prediction(result.text, judged.confidence, judged.raw_confidence, judged.abstained)
+    def many(images: Sequence[Image.Image], questions: Sequence[str]) -> list[str | Prediction]:
+        predictions: list[str | Prediction] = []
+        for question, result in zip(questions, answer_batch(model.loaded, images, questions), strict=True):
+            judged = judge(model.calibration, question, result.confidence)
+            predictions.append(Prediction(result.text, judged.confidence, judged.raw_confidence, judged.abstained))
+        return predictions
 
-    return predict
+    return Batched(many, batch_size)
 
 
 def run_evaluation(
@@ -124,7 +128,7 @@ def run_evaluation(
     calibrated (and judged for abstention) when the weights carry a calibration and `calibrated` is set."""
     examples = load_vqa_jsonl(data)[:limit]
     evaluated = open_evaluated_model(db, settings, model, adapter, calibrated=calibrated)
-    predict = calibrated_predictor(evaluated)
+    predict = calibrated_predictor(evaluated, settings.eval_batch_size)
     report = (compare_with_baselines if baselines else evaluate)(examples, predict, progress=progress)
     loaded = evaluated.loaded
     return report.with_provenance(model_ref=loaded.model_ref, adapter_ref=loaded.adapter_ref, data=str(data))

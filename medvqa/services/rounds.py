@@ -38,7 +38,7 @@ from medvqa.training.calibration import LoadedCalibration
 from medvqa.training.compare import Comparison, GateSettings, compare_reports, comparison_markdown, write_chart
 from medvqa.training.data import VQAExample, load_vqa_jsonl
 from medvqa.training.locked_test import LockedTestSet, load_locked_test_set
-from medvqa.training.metrics import EvalReport, Prediction
+from medvqa.training.metrics import EvalReport
 from medvqa.training.provenance import code_version, environment, file_sha256, mixed_training_file
 from medvqa.training.snapshot import Snapshot, check_no_leak, freeze_snapshot
 from medvqa.training.train import TrainSettings, train_adapter
@@ -106,7 +106,7 @@ def _run(db: Database, actor: Actor, settings: Settings, options: RoundOptions, 
     adapter_dir, result = _train(db, base, data, settings.home / "adapters", options, progress)
     validation = load_vqa_jsonl(snapshot.validation_file)
     sets = {"test": locked.examples, "validation": validation}
-    candidate = score_adapter(base, adapter_dir, sets, settings.device)
+    candidate = score_adapter(base, adapter_dir, sets, settings.device, settings.eval_batch_size)
     # The candidate's calibration is fitted on its validation answers (raw), never on the locked test set.
     fitted = calibration_from_report(
         candidate["validation"], settings, candidate["test"].model_ref, result.adapter_sha256, snapshot.validation_file
@@ -115,7 +115,7 @@ def _run(db: Database, actor: Actor, settings: Settings, options: RoundOptions, 
     calibration = LoadedCalibration(fitted, path, sha256)
     candidate = {name: recalibrated(report, calibration) for name, report in candidate.items()}
     live_dir = live_adapter[2] if live_adapter else None
-    current = score_adapter(base, live_dir, sets, settings.device)
+    current = score_adapter(base, live_dir, sets, settings.device, settings.eval_batch_size)
     live_calibration = calibration_for(
         base,
         live_dir,
@@ -164,25 +164,20 @@ def _train(db: Database, base: Path, data: Path, root: Path, options: RoundOptio
 
 
 def score_adapter(
-    base: Path, adapter: Path | None, sets: dict[str, list[VQAExample]], device: str
+    base: Path, adapter: Path | None, sets: dict[str, list[VQAExample]], device: str, batch_size: int = 8
 ) -> dict[str, EvalReport]:
-    """Answer every question of each set greedily with `base` (+ `adapter`; None: the bare base) and score it,
-    keeping each answer's raw confidence (`recalibrated` applies a calibration afterwards)."""
-    from PIL.Image import Image
-
+    """Answer every question of each set greedily with `base` (+ `adapter`; None: the bare base), `batch_size`
+    per generate call, and score it, keeping each answer's raw confidence (`recalibrated` applies a calibration
+    afterwards)."""
     from medvqa.model.adapters import load_adapter
-    from medvqa.model.generation import answer
     from medvqa.model.loading import load_vlm
+    from medvqa.services.evaluation import EvaluatedModel, calibrated_predictor
     from medvqa.training.evaluate import evaluate
 
     loaded = load_vlm(base, device=device)
     if adapter is not None:
         loaded = load_adapter(loaded, adapter)
-
-    def predict(image: Image, question: str) -> Prediction:
-        result = answer(loaded, image, question)
-        return Prediction(result.text, result.confidence, result.confidence)
-
+    predict = calibrated_predictor(EvaluatedModel(loaded, base, adapter, None, None), batch_size)
     return {
         name: evaluate(examples, predict).with_provenance(
             model_ref=loaded.model_ref, adapter_ref=loaded.adapter_ref, data=name

@@ -297,17 +297,18 @@ def _validate(peft_model: Any, loaded: Any, validation: list[VQAExample]) -> dic
     baselines' headline figures, and the breakdown per question type."""
     import torch
 
-    from medvqa.model.generation import answer
-    from medvqa.training.evaluate import compare_with_baselines
+    from medvqa.model.generation import answer_batch
+    from medvqa.training.evaluate import Batched, compare_with_baselines
+    from medvqa.training.metrics import Prediction
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peft_model.eval().to(device)
     current = replace(loaded, model=peft_model, device=device)
 
-    def predict(image: Any, question: str) -> str:
-        return answer(current, image, question).text
+    def many(images: Any, questions: Any) -> list[str | Prediction]:
+        return [Prediction(a.text, a.confidence, a.confidence) for a in answer_batch(current, images, questions)]
 
-    data = compare_with_baselines(validation, predict).to_json()
+    data = compare_with_baselines(validation, Batched(many, 8)).to_json()
     breakdowns = ("by_question_type", "by_organ")
     summary = {key: value for key, value in data.items() if key not in breakdowns}
     for baseline in ("blind", "shuffled"):  # their headline figures only

@@ -12,10 +12,10 @@ language model alone answers many VQA-RAD closed questions well from the questio
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -25,7 +25,19 @@ from medvqa.training.metrics import EvalReport, Prediction, score
 
 # A predictor answers with text, or with a Prediction that carries its confidence (and abstention).
 Predictor = Callable[[Image.Image, str], str | Prediction]
-_T = TypeVar("_T")
+BatchPredictor = Callable[[Sequence[Image.Image], Sequence[str]], Sequence[str | Prediction]]
+
+
+@dataclass(frozen=True)
+class Batched:
+    """A predictor that answers `size` questions per call (batched generation); `evaluate` feeds it in chunks.
+    Called with one image and question, it is an ordinary predictor."""
+
+    many: BatchPredictor
+    size: int = 8
+
+    def __call__(self, image: Image.Image, question: str) -> str | Prediction:
+        return self.many([image], [question])[0]
 
 
 def load_image(example: VQAExample, *, blind: bool = False) -> Image.Image:
@@ -71,12 +83,27 @@ def evaluate(
         raise InvalidInput("the shuffled baseline needs questions about at least two different images")
     predictions: list[str | Prediction] = []
     label = "blind baseline" if blind else "shuffled baseline" if shuffled else "evaluating"
-    for example in _progress(examples, enabled=progress, description=label):
-        shown = replace(example, image_path=swap[example.image_path]) if shuffled else example
-        answer = predict(load_image(shown, blind=blind), example.question)
-        if not isinstance(answer, str | Prediction) or not isinstance(getattr(answer, "text", answer), str):
-            raise InvalidInput(f"question {example.qid}: the predictor returned {type(answer).__name__}, not text")
-        predictions.append(answer)
+    size = predict.size if isinstance(predict, Batched) else 1
+    bar = _bar(len(examples), enabled=progress, description=label)
+    for start in range(0, len(examples), size):
+        chunk = examples[start : start + size]
+        shown = [replace(e, image_path=swap[e.image_path]) if shuffled else e for e in chunk]
+        images = [load_image(example, blind=blind) for example in shown]
+        questions = [example.question for example in chunk]
+        if isinstance(predict, Batched):
+            answers = list(predict.many(images, questions))
+        else:
+            answers = [predict(images[0], questions[0])]
+        if len(answers) != len(chunk):
+            raise InvalidInput(f"the predictor gave {len(answers)} answers for {len(chunk)} questions")
+        for example, answer in zip(chunk, answers, strict=True):
+            if not isinstance(answer, str | Prediction) or not isinstance(getattr(answer, "text", answer), str):
+                raise InvalidInput(f"question {example.qid}: the predictor returned {type(answer).__name__}, not text")
+            predictions.append(answer)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     return score(examples, predictions)
 
 
@@ -129,14 +156,13 @@ def write_predictions(report: EvalReport, path: Path) -> int:
     return len(lines)
 
 
-def _progress(items: Sequence[_T], *, enabled: bool, description: str) -> Iterable[_T]:
-    """Wrap in a tqdm bar when asked and tqdm is installed; otherwise iterate silently."""
+def _bar(total: int, *, enabled: bool, description: str) -> Any:
+    """A tqdm bar over `total` questions when asked and tqdm is installed; otherwise None."""
     if not enabled:
-        return items
+        return None
     try:
         # Imported by name: tqdm ships no type information, and it stays an optional nicety.
         tqdm_auto = importlib.import_module("tqdm.auto")
     except ImportError:
-        return items
-    bar: Iterable[_T] = tqdm_auto.tqdm(items, total=len(items), desc=description, unit="question")
-    return bar
+        return None
+    return tqdm_auto.tqdm(total=total, desc=description, unit="question")
