@@ -47,6 +47,7 @@ def prepare(home: Path, examples: int, test_questions: int) -> Path:
     from medvqa.db import Series
     from medvqa.db.engine import Database
     from medvqa.db.migrate import upgrade
+    from medvqa.errors import HeldForReview
     from medvqa.imaging.demo import build_demo_files
     from medvqa.services.answers import AnswerRecord, record_answer
     from medvqa.services.audit import Actor
@@ -80,8 +81,12 @@ def prepare(home: Path, examples: int, test_questions: int) -> Path:
         study_id = import_paths(db, operator, [file], settings).study_ids[0]
         with db.read_session() as session:
             series_id = session.scalars(select(Series.id).where(Series.study_id == study_id)).one()
-        # what `ask` would show the model, computed once per image (its questions share it)
-        by_image[file.stem] = (study_id, series_id, model_input(db, asker, series_id, settings))
+        # what `ask` would show the model, computed once per image (its questions share it); an image held for
+        # burned-in text never reaches a model until a reviewer confirms it, so the bench leaves it out
+        try:
+            by_image[file.stem] = (study_id, series_id, model_input(db, asker, series_id, settings))
+        except HeldForReview:
+            continue
     chosen = [row for row in rows if row["image"] not in held][:examples]
     recorded = 0
     for row in chosen:
