@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,26 @@ class Answer:
     latency_ms: float  # preprocessing + generation, wall clock
 
 
+class TextStream:
+    """A `generate` streamer that hands the answer so far (decoded, printable) to `on_text` at every new token,
+    so a page can show the first words while the rest is generated. The first `put` is the prompt: skipped."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.tokens: list[int] = []
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.tokens.extend(int(token) for token in value.reshape(-1).tolist())
+        self.on_text(printable(self.tokenizer.decode(self.tokens, skip_special_tokens=True)))
+
+    def end(self) -> None:
+        """Nothing to flush: every token was handed on as it came."""
+
+
 def answer(
     loaded: LoadedModel,
     image: Image,
@@ -67,16 +87,23 @@ def answer(
     settings: GenerationSettings = GenerationSettings(),
     prompt_version: str = DEFAULT_PROMPT_VERSION,
     adapter_ref: str | None = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> Answer:
-    """Ask `question` about `image`; `adapter_ref` defaults to the adapter `load_adapter` put on the model."""
+    """Ask `question` about `image`; `adapter_ref` defaults to the adapter `load_adapter` put on the model.
+    With `on_text`, the answer so far is handed to it as each token is generated (streaming)."""
     import torch
 
     template = load_prompt(prompt_version)
     start = time.perf_counter()
     inputs = build_inputs(loaded, template, image, question)
+    streamer = TextStream(loaded.processor.tokenizer, on_text) if on_text is not None else None
     with torch.inference_mode():
         output = loaded.model.generate(
-            **inputs, **_generate_kwargs(settings), output_logits=True, return_dict_in_generate=True
+            **inputs,
+            **_generate_kwargs(settings),
+            output_logits=True,
+            return_dict_in_generate=True,
+            streamer=streamer,
         )
     latency_ms = (time.perf_counter() - start) * 1000.0
     new_tokens: list[int] = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()

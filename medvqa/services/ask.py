@@ -7,7 +7,7 @@ and passed in, so the app can keep it behind `st.cache_resource`. torch and tran
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,8 +163,10 @@ def ask(
     question: str,
     choice: ImageChoice = ImageChoice(),
     question_type: str = "",
+    on_text: Callable[[str], None] | None = None,
 ) -> AskResult:
-    """Answer `question` about the chosen image of the study and store question, answer and provenance."""
+    """Answer `question` about the chosen image of the study and store question, answer and provenance.
+    `on_text` receives the answer so far while it is generated (in-process backend; vLLM answers at once)."""
     from medvqa.model.generation import answer
     from medvqa.model.vllm_backend import VLLMClient
 
@@ -179,7 +181,7 @@ def ask(
         result = model.loaded.answer(prepared.image, question)
     else:
         with model.lock:
-            result = answer(model.loaded, prepared.image, question)
+            result = answer(model.loaded, prepared.image, question, on_text=on_text)
     judged = judge(model.calibration, question, result.confidence)
     calibration = None if judged.calibration is None else judged.calibration | calibration_detail(judged)
     record = AnswerRecord(

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import and_, case, func, select
 
 from compliance.policy import Action
-from medvqa.db import Answer, Feedback, Instance, Question, Series, Study
+from medvqa.db import Answer, Feedback, Instance, Question, Series, Study, User
 from medvqa.db.engine import Database
 from medvqa.errors import NotFound
 from medvqa.services.access import authorize
@@ -141,3 +141,47 @@ def answer_detail(db: Database, actor: Actor, answer_id: int) -> dict[str, Any]:
                 for f in feedback
             ],
         }
+
+
+THREAD_LENGTH = 20
+
+
+def study_thread(db: Database, actor: Actor, study_id: int, limit: int = THREAD_LENGTH) -> list[dict[str, Any]]:
+    """The conversation about a study: its last `limit` questions and answers, oldest first, as anyone allowed
+    to view the study sees them (who asked, when, about which image, the answer with its confidence and whether
+    the model abstained, and the latest rating)."""
+    authorize(db, actor, Action.STUDY_VIEW, "study", study_id)
+    with db.read_session() as session:
+        if session.get(Study, study_id) is None:
+            raise NotFound(f"study {study_id} does not exist")
+        rows = session.execute(
+            select(Answer, Question, User.username)
+            .join(Question, Question.id == Answer.question_id)
+            .outerjoin(User, User.id == Question.asked_by)
+            .where(Question.study_id == study_id)
+            .order_by(Answer.id.desc())
+            .limit(limit)
+        ).all()
+        ids = [answer.id for answer, _, _ in rows]
+        ratings = {
+            row.answer_id: row.verdict.value
+            for row in session.scalars(select(Feedback).where(Feedback.answer_id.in_(ids)).order_by(Feedback.id))
+        }
+    return [
+        {
+            "answer_id": answer.id,
+            "question": question.text,
+            "question_type": question.question_type,
+            "asked_by": username or "-",
+            "asked_at": question.asked_at,
+            "image_selection": question.image_selection,
+            "answer": answer.text,
+            "confidence": answer.confidence,
+            "calibrated": answer.calibration is not None,
+            "abstained": bool(answer.abstained),
+            "model_ref": answer.model_ref,
+            "adapter_ref": answer.adapter_ref,
+            "rating": ratings.get(answer.id),
+        }
+        for answer, question, username in reversed(rows)
+    ]

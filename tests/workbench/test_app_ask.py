@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import html
+import itertools
+
 import numpy as np
 from sqlalchemy import func, select
 
 from medvqa.db import Adapter, Answer, Feedback
 from tests.workbench.apptest import errors, signed_in
+
+
+def answers(app):
+    """The answers shown large (st.html with the escaped answer text)."""
+    return [element for element in app.get("html") if "font-size:1.3rem" in element.proto.body]
 
 
 def by_label(app, label):
@@ -28,7 +36,10 @@ def test_ask_shows_the_answer_as_plain_text_with_confidence_image_and_provenance
         stored = session.get(Answer, result.answer_id)
     assert stored.text == result.text and stored.preprocess_hash == result.preprocess_hash
     assert result.selection["slices"] == [1]  # the slider starts on the middle slice of three
-    assert result.text in [element.value for element in app.text]  # st.text: shown as plain text
+    # the answer set large, escaped: the model's text is never read as markup
+    assert html.escape(result.text) in [
+        element.proto.body.split(">", 1)[1].rsplit("<", 1)[0] for element in answers(app)
+    ]
     provenance = app.json[0].value
     assert all(key in provenance for key in ("model", "adapter", "prompt_version", "preprocess_hash", "latency_ms"))
     assert any("the exact image the model saw" in str(image.proto) for image in app.get("image"))
@@ -68,8 +79,8 @@ def test_templates_and_chosen_slices(db, app_env, ct_study, clinician):
 def test_rating_is_one_record_even_when_submitted_twice(db, app_env, ct_study, clinician):
     app = ask_about_slice(signed_in(clinician))
     answer_id = app.session_state["answer"].answer_id
-    app.radio[-1].set_value("partial")
-    app.text_input[-1].input("a hairline fracture")
+    app.radio(key=f"verdict_{answer_id}").set_value("partial")
+    app.text_input(key=f"correction_{answer_id}").input("a hairline fracture")
     by_label(app, "Submit rating").click().run()
     assert app.session_state[f"feedback_done_{answer_id}"]
     assert any("Your rating is recorded" in element.value for element in app.success)
@@ -77,8 +88,8 @@ def test_rating_is_one_record_even_when_submitted_twice(db, app_env, ct_study, c
     # a double click: the same form submitted again before the page showed the first result
     del app.session_state[f"feedback_done_{answer_id}"]
     app.run()
-    app.radio[-1].set_value("partial")
-    app.text_input[-1].input("a hairline fracture")
+    app.radio(key=f"verdict_{answer_id}").set_value("partial")
+    app.text_input(key=f"correction_{answer_id}").input("a hairline fracture")
     by_label(app, "Submit rating").click().run()
     assert not errors(app)
     with db.read_session() as session:
@@ -90,7 +101,7 @@ def test_rating_is_one_record_even_when_submitted_twice(db, app_env, ct_study, c
 
 def test_no_rating_is_preselected_and_submitting_without_one_records_nothing(db, app_env, ct_study, clinician):
     app = ask_about_slice(signed_in(clinician))
-    assert app.radio[-1].value is None
+    assert app.radio(key=f"verdict_{app.session_state['answer'].answer_id}").value is None
     by_label(app, "Submit rating").click().run()
     assert errors(app) == ["Choose Correct, Partly correct or Incorrect first: nothing was recorded."]
     with db.read_session() as session:
@@ -132,7 +143,8 @@ def test_model_output_is_never_rendered_as_markdown(db, app_env, ct_study, clini
 
     monkeypatch.setattr(generation, "answer", shouting)
     app = ask_about_slice(signed_in(clinician))
-    assert "**bold** <script>alert(1)</script>" in [element.value for element in app.text]
+    [shown] = [element.proto.body for element in answers(app)]
+    assert "**bold** &lt;script&gt;alert(1)&lt;/script&gt;" in shown and "<script>" not in shown
     assert not any("<script>" in element.value for element in app.markdown)
     assert np.asarray(app.session_state["answer"].image).shape == (384, 384, 3)
 
@@ -142,8 +154,9 @@ def test_a_thumbnail_click_moves_the_slice_and_a_new_study_hides_the_old_answer(
     assert app.session_state["answer"].study_id == ct_study[0]
     app.button(key=f"thumb_{ct_study[1]}_0").click().run()
     assert app.slider(key=f"slice_{ct_study[1]}").value == 0
+    assert answers(app)
     app.text_input(key="f_text").input("no-such-study").run()
-    assert "Answer" not in [element.value for element in app.subheader]
+    assert not answers(app) and "Conversation" not in [element.value for element in app.subheader]
 
 
 def test_after_a_promotion_the_app_answers_with_the_new_live_adapter(db, app_env, ct_study, clinician, tmp_path):
@@ -169,3 +182,42 @@ def test_after_a_promotion_the_app_answers_with_the_new_live_adapter(db, app_env
     assert result.adapter_ref == sha
     with db.read_session() as session:
         assert session.get(Answer, result.answer_id).adapter_id == adapter_id
+
+
+def test_the_conversation_comes_back_for_anyone_allowed_to_see_the_study(db, app_env, ct_study, clinician):
+    from tests import factories
+
+    first = ask_about_slice(signed_in(clinician), "Is there a fracture?")
+    first_answer = first.session_state["answer"]
+    second = ask_about_slice(first, "Where is the lesion?")  # the same session asks again: the thread grows
+    assert len(answers(second)) == 2 and second.session_state["answer"].answer_id != first_answer.answer_id
+    reviewer = factories.make_user(db, "reviewer")
+    other = signed_in(reviewer).run()  # another person, another session: the stored thread, oldest first
+    assert not other.exception and not errors(other)
+    users = [element.value for element in other.text]
+    assert users.index("Is there a fracture?") < users.index("Where is the lesion?")
+    assert len(answers(other)) == 2
+    captions = [element.value for element in other.caption]
+    assert any(caption.startswith(f"{clinician.name}, ") for caption in captions)
+    assert any("not calibrated" in caption and "confidence" in caption for caption in captions)
+
+
+def test_asking_streams_the_answer_as_it_is_generated(db, settings, ct_study, clinician):
+    from medvqa.services.ask import ImageChoice, ask, load_answering_model
+
+    seen: list[str] = []
+    result = ask(
+        db,
+        clinician,
+        settings,
+        load_answering_model(db, settings),
+        ct_study[0],
+        "Is there a fracture?",
+        ImageChoice(slices=1),
+        on_text=seen.append,
+    )
+    with db.read_session() as session:
+        generated = session.get(Answer, result.answer_id).token_scores
+    assert len(seen) == len(generated) > 1  # one update per generated token
+    assert all(later.startswith(earlier.rstrip()) for earlier, later in itertools.pairwise(seen))
+    assert seen[-1] == result.text

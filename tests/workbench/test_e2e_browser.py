@@ -179,6 +179,10 @@ def test_demo_sign_in_ask_and_rate_in_a_real_browser(db, server, browser):
     settle(wait)  # the rerun that commits the question
     click(wait, button("Ask"))
     wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'the exact image the model saw')]")))
+    wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Not validated for clinical use')]")))
+    settle(wait)
+    click(wait, button("Submit rating"))  # nothing chosen: nothing is recorded, and the page says so
+    wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'nothing was recorded')]")))
     settle(wait)
     click(wait, "//label[normalize-space(.)='Partly correct']")
     click(wait, button("Submit rating"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import uuid
 
 import streamlit as st
@@ -9,11 +10,11 @@ import streamlit as st
 from compliance.policy import Action
 from medvqa.imaging.series import Window
 from medvqa.pacs.query import StudyQuery
-from medvqa.services.ask import QUESTION_TEMPLATES, AskResult, ImageChoice, ask, fill_template
+from medvqa.services.ask import QUESTION_TEMPLATES, AskResult, ImageChoice, ask, fill_template, replay_model_input
 from medvqa.services.feedback import FeedbackInput, give_feedback
 from medvqa.services.model_status import live_model_status, model_card
 from medvqa.services.pacs import find_studies, retrieve_study
-from medvqa.services.queries import StudyFilter, search_studies, study_series
+from medvqa.services.queries import StudyFilter, search_studies, study_series, study_thread
 from medvqa.services.viewer import instance_metadata, render_slice, thumbnails, window_choices
 from workbench import resources
 from workbench.auth import attempt, require
@@ -141,21 +142,18 @@ def viewer(actor, study):
     if volume.slice_count > 1:
         index = st.slider("Slice", 0, volume.slice_count - 1, volume.slice_count // 2, key=slider)
     window = window_picker(volume)
-    image_column, side = st.columns([3, 2])
     pixels = attempt(lambda: render_slice(volume, index, window))
     if pixels is not None:
-        image_column.image(pixels, caption=f"slice {index + 1} of {volume.slice_count}", clamp=True, width="stretch")
-    with side:
-        st.caption("Thumbnails")
-        cells = st.columns(4)
-        for position, (number, thumb) in enumerate(thumbnails(volume, count=8)):
-            cell = cells[position % 4]
-            cell.image(thumb, clamp=True, width=72)
-            if volume.slice_count > 1:
-                cell.button(str(number), key=f"thumb_{series_id}_{number}", on_click=_jump, args=(slider, number))
-        with st.expander("Metadata (de-identified)"):
-            tags = attempt(lambda: instance_metadata(db, actor, resources.settings(), volume, index)) or {}
-            st.table([{"tag": key, "value": value} for key, value in tags.items()])
+        st.image(pixels, caption=f"slice {index + 1} of {volume.slice_count}", clamp=True, width="stretch")
+    cells = st.columns(8)  # the viewer sits in a column itself: one more level of columns is Streamlit's limit
+    for position, (number, thumb) in enumerate(thumbnails(volume, count=8)):
+        cell = cells[position % 8]
+        cell.image(thumb, clamp=True, width="stretch")
+        if volume.slice_count > 1:
+            cell.button(str(number), key=f"thumb_{series_id}_{number}", on_click=_jump, args=(slider, number))
+    with st.expander("Metadata (de-identified)"):
+        tags = attempt(lambda: instance_metadata(db, actor, resources.settings(), volume, index)) or {}
+        st.table([{"tag": key, "value": value} for key, value in tags.items()])
     return series_id, volume, index, window
 
 
@@ -200,13 +198,24 @@ def question_form(actor, study, view):
         return
     choice = ImageChoice(series_id=series_id, slices=slices, window=window)
     settings, db = resources.settings(), resources.database()
-    with st.spinner("Asking the model..."):
+    with st.chat_message("user"):
+        st.text(question)
+    with st.chat_message("assistant"):
+        slot = st.empty()
+        slot.caption("Asking the model...")
+
+        def show(partial: str) -> None:  # the answer so far, as each token arrives (plain text, never markup)
+            slot.text(partial)
+
         result = attempt(
-            lambda: ask(db, actor, settings, resources.model(), study["id"], question, choice, _type(template))
+            lambda: ask(
+                db, actor, settings, resources.model(), study["id"], question, choice, _type(template), on_text=show
+            )
         )
     if result is not None:
         st.session_state["answer"] = result
         st.session_state[f"feedback_key_{result.answer_id}"] = uuid.uuid4().hex
+        st.rerun()  # the thread now holds the answer, with its image, confidence and rating form
 
 
 def _type(template):
@@ -225,28 +234,93 @@ CALIBRATED_NOTE = (
 
 
 def answer_panel(result: AskResult):
-    st.subheader("Answer")
-    status = attempt(lambda: live_model_status(resources.database(), resources.settings()))
-    if status is not None:
-        st.warning(status.banner())  # with every answer, until a model is validated for clinical use
-        with st.expander("Model card: what the model is, how it was measured, what it must not be used for"):
-            st.markdown(model_card())
-    st.text(f"Q: {result.question}")  # typed by a person: shown as text too
-    if result.abstained:
-        abstention_notice(result)
-    else:
-        st.text(result.text or "(the model gave no answer)")  # plain text: never markdown or HTML from the model
-    if result.confidence is not None:
-        calibrated = "calibrated" if result.calibration else "not calibrated"
-        st.progress(float(result.confidence), text=f"confidence {result.confidence:.2f} ({calibrated})")
-        st.caption(CALIBRATED_NOTE if result.calibration else CONFIDENCE_NOTE)
-    else:
-        st.caption("no confidence available")
-    left, right = st.columns([1, 2])
-    left.image(result.image, caption="the exact image the model saw", width="stretch")
-    with right:
-        st.caption("Provenance")
-        st.json(result.provenance())
+    """The newest answer of this session: the question, the answer set large, its confidence, the exact image
+    the model saw, a one-line provenance with the full record one click away, and the banner."""
+    with st.chat_message("user"):
+        st.text(result.question)  # typed by a person: shown as text too
+    with st.chat_message("assistant"):
+        if result.abstained:
+            abstention_notice(result)
+        else:
+            emphasised(result.text or "(the model gave no answer)")  # escaped: never markdown or HTML from the model
+        if result.confidence is not None:
+            calibrated = "calibrated" if result.calibration else "not calibrated"
+            st.progress(float(result.confidence), text=f"confidence {result.confidence:.2f} ({calibrated})")
+            st.caption(CALIBRATED_NOTE if result.calibration else CONFIDENCE_NOTE)
+        else:
+            st.caption("no confidence available")
+        left, right = st.columns([1, 2])
+        left.image(result.image, caption="the exact image the model saw", width="stretch")
+        with left.popover("Enlarge"):
+            st.image(result.image, width=384)
+        right.caption(provenance_line(result.model_ref, result.adapter_ref, result.calibration is not None))
+        with right.expander("Full provenance (hashes, image selection, decoding)"):
+            st.json(result.provenance())
+        status = attempt(lambda: live_model_status(resources.database(), resources.settings()))
+        if status is not None:
+            st.warning(status.banner())  # with every answer, until a model is validated for clinical use
+            with st.expander("Model card: what the model is, how it was measured, what it must not be used for"):
+                st.markdown(model_card())
+
+
+def emphasised(text: str) -> None:
+    """The answer set as the answer (larger, bold); escaped, so the model's text is never read as markup."""
+    st.html(f'<p style="font-size:1.3rem;font-weight:600;margin:0 0 0.3rem 0">{html.escape(text)}</p>')
+
+
+def provenance_line(model_ref: str, adapter_ref: str | None, calibrated: bool) -> str:
+    """Model, adapter and calibration in one readable line; the full record is one click away."""
+    adapter = f"adapter {adapter_ref[:12]}" if adapter_ref else "no adapter"
+    return " · ".join([f"model {model_ref}", adapter, "calibrated" if calibrated else "not calibrated"])
+
+
+def thread_item(actor, item):
+    """One earlier question and answer about this study, as anyone allowed to view the study sees it."""
+    selection = item["image_selection"] or {}
+    scope = {"slice": "one slice", "montage": "chosen slices", "key_slice": "the study (key slice)"}
+    with st.chat_message("user"):
+        st.text(item["question"])
+        asked = item["asked_at"].strftime("%Y-%m-%d %H:%M") if item["asked_at"] else ""
+        st.caption(f"{item['asked_by']}, {asked}, about {scope.get(selection.get('kind'), 'an image')}")
+    with st.chat_message("assistant"):
+        if item["abstained"]:
+            st.caption("The model abstained (not confident enough); its raw answer was:")
+        emphasised(item["answer"] or "(no answer)")
+        details = provenance_line(item["model_ref"], item["adapter_ref"], item["calibrated"])
+        confidence = "-" if item["confidence"] is None else f"{item['confidence']:.2f}"
+        rating = f" · rated {VERDICTS.get(item['rating'], item['rating'])}" if item["rating"] else ""
+        st.caption(f"confidence {confidence} · {details}{rating}")
+        image = _replayed(actor, item["answer_id"])
+        if image is not None:
+            with st.popover("The image the model saw"):
+                st.image(image, width=384)
+
+
+def _replayed(actor, answer_id):
+    """The exact image an earlier answer was given for, rebuilt once per session from its recorded selection."""
+    cache = st.session_state.setdefault("replayed_images", {})
+    if answer_id not in cache:
+        rebuilt = attempt(lambda: replay_model_input(resources.database(), actor, resources.settings(), answer_id))
+        cache[answer_id] = rebuilt[0] if rebuilt is not None else None
+    return cache[answer_id]
+
+
+def conversation(actor, study, view):
+    """The questions and answers about this study (stored, so they come back for anyone allowed to see it), the
+    newest answer with its rating form, and the question form at the bottom."""
+    st.subheader("Conversation")
+    current = st.session_state.get("answer")
+    current = current if isinstance(current, AskResult) and current.study_id == study["id"] else None
+    thread = attempt(lambda: study_thread(resources.database(), actor, study["id"])) or []
+    earlier = [item for item in thread if current is None or item["answer_id"] != current.answer_id]
+    if not thread and current is None:
+        st.caption("No question has been asked about this study yet.")
+    for item in earlier:
+        thread_item(actor, item)
+    if current is not None:
+        answer_panel(current)
+        feedback_form(actor, current)
+    question_form(actor, study, view)
 
 
 def abstention_notice(result: AskResult):
@@ -271,9 +345,14 @@ def feedback_form(actor, result: AskResult):
         return
     with st.form(f"feedback_{result.answer_id}"):
         verdict = st.radio(  # nothing preselected: a rating is a choice, never a default that feeds training
-            "Rate the answer", list(VERDICTS), format_func=VERDICTS.__getitem__, horizontal=True, index=None
+            "Rate the answer",
+            list(VERDICTS),
+            format_func=VERDICTS.__getitem__,
+            horizontal=True,
+            index=None,
+            key=f"verdict_{result.answer_id}",
         )
-        correction = st.text_input("Corrected answer (optional)")
+        correction = st.text_input("Corrected answer (optional)", key=f"correction_{result.answer_id}")
         comment = st.text_area("Comment (optional)")
         submitted = st.form_submit_button("Submit rating")
     if not submitted:
@@ -299,14 +378,13 @@ def page():
     study = study_picker(actor)
     if study is None:
         return
-    view = viewer(actor, study)
+    view_column, talk_column = st.columns([3, 2], gap="large")
+    with view_column:
+        view = viewer(actor, study)
     if view is None:
         return
-    question_form(actor, study, view)
-    result = st.session_state.get("answer")
-    if isinstance(result, AskResult) and result.study_id == study["id"]:
-        answer_panel(result)
-        feedback_form(actor, result)
+    with talk_column:
+        conversation(actor, study, view)
 
 
 page()
