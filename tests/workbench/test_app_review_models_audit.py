@@ -167,3 +167,20 @@ def test_models_page_shows_how_far_the_live_models_confidences_hold(db, app_env)
     assert table["ECE"][0] == pytest.approx(report.calibration()["closed"]["ece"])
     captions = [str(image.proto) for image in app.get("image")]
     assert any("Reliability" in caption for caption in captions) and any("Risk-coverage" in c for c in captions)
+
+
+def test_a_reviewer_opens_the_whole_study_from_a_queue_item(db, app_env, ct_study, clinician, settings, tmp_path):
+    from medvqa.services.ask import ImageChoice, ask, load_answering_model
+
+    import_ct(db, settings, tmp_path / "mr", count=2, modality="MR")  # another study, so the choice matters
+    answer = ask(
+        db, clinician, settings, load_answering_model(db, settings), ct_study[0], "Is it normal?", ImageChoice(slices=2)
+    )
+    reviewer = factories.make_user(db, "reviewer")
+    app = on_page(reviewer, "app_pages/review.py")
+    app.selectbox(key="r_answer").set_value(answer.answer_id).run()
+    app.button(key=f"open_study_{answer.answer_id}").click().run()
+    assert not app.exception and not errors(app)
+    assert app.selectbox(key="study_id").value == ct_study[0]  # the Ask page, on the answer's study
+    assert app.slider(key=f"slice_{ct_study[1]}").max == 2  # every slice of the series, not only the one asked about
+    assert "Is it normal?" in [element.value for element in app.text]  # its conversation comes with it

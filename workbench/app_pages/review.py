@@ -86,6 +86,25 @@ def show_answer(actor, detail) -> None:
                 "calibration",
             )
             st.json({k: detail[k] for k in keys})
+        st.button(
+            "Open the whole study in the viewer",
+            key=f"open_study_{detail['id']}",
+            on_click=_open_study,
+            args=(detail["study_id"],),
+        )
+    if st.session_state.pop("open_study_requested", False):
+        st.switch_page("app_pages/ask.py")
+
+
+STUDY_FILTERS = ("f_modality", "f_body", "f_text", "f_study_date", "f_imported")
+
+
+def _open_study(study_id: int) -> None:
+    """The Ask page opens on this study (every series and slice, its conversation), whatever was searched."""
+    for key in STUDY_FILTERS:
+        st.session_state.pop(key, None)
+    st.session_state["study_id"] = study_id
+    st.session_state["open_study_requested"] = True
 
 
 def adjudication_form(actor, answer_id) -> None:
