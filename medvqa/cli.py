@@ -677,9 +677,14 @@ def demo(no_app: bool, no_browser: bool) -> None:
 
 
 def _import_demo_studies(database: Database, settings: Any) -> None:
-    from medvqa.imaging.demo import build_demo_files
+    from medvqa.imaging.demo import build_demo_files, multi_frame_demo_file
     from medvqa.services.studies import import_paths
 
+    volume = multi_frame_demo_file()
+    if volume is not None:  # VQA-RAD's pictures are single images: one real multi-frame series to scroll through
+        report = import_paths(database, _operator(), [volume], settings)
+        state = "imported" if report.count("imported") else "already there"
+        click.echo(f"multi-slice demo series: {state} (a 30-frame ultrasound volume shipped with pydicom)")
     source = settings.demo_data_dir
     if not (source / "images").is_dir():
         click.echo(f"no demo studies: VQA-RAD not found at {source} (set MEDVQA_DEMO_DATA)", err=True)

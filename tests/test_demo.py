@@ -78,10 +78,14 @@ def test_demo_command_imports_the_studies_once(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     first = CliRunner().invoke(main, ["demo", "--no-app"])
     assert first.exit_code == 0 and "demo studies: 3 imported" in first.stdout
+    assert "multi-slice demo series: imported" in first.stdout
     second = CliRunner().invoke(main, ["demo", "--no-app"])
-    assert "0 imported, 3 already there" in second.stdout
+    assert "0 imported, 3 already there" in second.stdout and "multi-slice demo series: already there" in second.stdout
     listing = json.loads(CliRunner().invoke(main, ["studies", "list", "--json"]).stdout)["studies"]
-    assert sorted(s["modality"] for s in listing) == ["DX", "MR", "OT"] and all(s["held"] == 0 for s in listing)
+    assert sorted(s["modality"] for s in listing) == ["DX", "MR", "OT", "US"]
+    assert all(s["held"] == 0 for s in listing if s["modality"] != "US")  # ultrasound is always OCR-checked
+    [volume] = [s for s in listing if s["modality"] == "US"]
+    assert volume["instances"] == 1 and volume["series"] == 1
 
 
 def test_demo_without_data_says_where_it_looked(tmp_path, monkeypatch):

@@ -67,3 +67,16 @@ def build_demo_files(data_dir: Path, out_dir: Path, max_pixels: int = 300_000_00
             dcmwrite(target, ds, enforce_file_format=True)
         written.append(target)
     return written
+
+
+MULTI_FRAME_DEMO = "examples_ybr_color.dcm"
+
+
+def multi_frame_demo_file() -> Path | None:
+    """A real multi-frame series for trying slice scrolling: pydicom's `examples_ybr_color.dcm` (30 frames of a
+    colour ultrasound volume, JPEG baseline, from the freely licensed sample sets its test data README lists),
+    named by path so nothing is downloaded; None when this pydicom does not ship it."""
+    import pydicom
+
+    path = Path(pydicom.__file__).parent / "data" / "test_files" / MULTI_FRAME_DEMO
+    return path if path.is_file() else None

@@ -221,3 +221,20 @@ def test_asking_streams_the_answer_as_it_is_generated(db, settings, ct_study, cl
     assert len(seen) == len(generated) > 1  # one update per generated token
     assert all(later.startswith(earlier.rstrip()) for earlier, later in itertools.pairwise(seen))
     assert seen[-1] == result.text
+
+
+def test_the_demo_multi_frame_volume_scrolls_slice_by_slice(db, app_env, settings, clinician):
+    from medvqa.imaging.demo import multi_frame_demo_file
+    from medvqa.services.studies import import_paths
+    from tests import factories
+
+    volume = multi_frame_demo_file()
+    assert volume is not None, "pydicom no longer ships the demo's multi-frame file"
+    [study_id] = import_paths(db, factories.OPERATOR, [volume], settings).study_ids
+    app = signed_in(clinician).run()
+    assert app.selectbox(key="study_id").value == study_id
+    series_id = app.selectbox(key="series_id").value
+    slider = app.slider(key=f"slice_{series_id}")
+    assert (slider.min, slider.max, slider.value) == (0, 29, 15)
+    slider.set_value(3).run()
+    assert not app.exception and any("slice 4 of 30" in str(image.proto) for image in app.get("image"))

@@ -171,9 +171,9 @@ def test_demo_sign_in_ask_and_rate_in_a_real_browser(db, server, browser):
     browser.find_element(By.CSS_SELECTOR, "input[aria-label='Username']").send_keys("dr.demo")
     browser.find_element(By.CSS_SELECTOR, "input[aria-label='Password']").send_keys(DEMO_PASSWORD)
     click(wait, button("Sign in"))
-    wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), '3 of 3 studies')]")))
+    wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), '4 of 4 studies')]")))
     choose(browser, wait, "Modality", "MR")  # the demo study of synpic1, an MRI by its training questions
-    wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), '1 of 3 studies')]")))
+    wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), '1 of 4 studies')]")))
     question = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[aria-label='Question']")))
     question.send_keys("Is there a fracture?", Keys.TAB)
     settle(wait)  # the rerun that commits the question
