@@ -57,6 +57,8 @@ class Action(enum.StrEnum):
     ROUND_RUN = "training:round:run"
     ADAPTER_READ = "model:adapter:read"
     MODEL_CALIBRATE = "model:calibration:fit"
+    MODEL_VALIDATE = "model:validation:sign"
+    MODEL_VALIDATION_REVOKE = "model:validation:revoke"
     ADAPTER_PROMOTE_REQUEST = "model:adapter:request_promotion"
     ADAPTER_PROMOTE_APPROVE = "model:adapter:approve_promotion"
     ADAPTER_ROLLBACK = "model:adapter:rollback"
@@ -97,6 +99,8 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.ROUND_RUN: frozenset({_M}),
     Action.ADAPTER_READ: frozenset({_M, _ADM}),
     Action.MODEL_CALIBRATE: frozenset({_M}),  # confidences and abstention thresholds clinicians see
+    Action.MODEL_VALIDATE: frozenset({_ADM}),  # a signed statement; the banner then says validated
+    Action.MODEL_VALIDATION_REVOKE: frozenset({_ADM}),
     Action.ADAPTER_PROMOTE_REQUEST: frozenset({_M}),
     Action.ADAPTER_PROMOTE_APPROVE: frozenset({_ADM}),
     Action.ADAPTER_ROLLBACK: frozenset({_M, _ADM}),

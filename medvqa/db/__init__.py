@@ -4,7 +4,7 @@ from medvqa.db.audit import AuditEvent
 from medvqa.db.base import Base
 from medvqa.db.identity import Role, SignInAttempt, User, UserSession
 from medvqa.db.imaging import Instance, Series, Study
-from medvqa.db.training import Adapter, AdapterStatus, Dataset, TrainingRound
+from medvqa.db.training import Adapter, AdapterStatus, Dataset, ModelValidation, TrainingRound
 from medvqa.db.vqa import Answer, Feedback, Question, Review, Verdict
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Dataset",
     "Feedback",
     "Instance",
+    "ModelValidation",
     "Question",
     "Review",
     "Role",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import JSON, Enum, ForeignKey, Integer, String
+from sqlalchemy import JSON, Enum, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from medvqa.db.base import Base, IntPK, JsonDict, Name, OptionalTimestamp, Sha256, Timestamp
@@ -74,3 +74,24 @@ class Adapter(Base):
     )
     created_at: Mapped[Timestamp]
     promoted_at: Mapped[OptionalTimestamp]
+
+
+class ModelValidation(Base):
+    """An administrator's signed statement that a model (base weights and adapter) is validated for clinical use
+    within the stated scope. Tied to the weights: another adapter or base is not covered. Revoking keeps the row
+    (who, when, why), so the record of what was validated stays."""
+
+    __tablename__ = "model_validations"
+
+    id: Mapped[IntPK]
+    model_weights: Mapped[str] = mapped_column(String(64))  # the weights part of the model_ref ("<folder>@<sha12>")
+    adapter_sha256: Mapped[str | None] = mapped_column(String(64))  # None: the base model without an adapter
+    name: Mapped[str] = mapped_column(String(200))  # what was validated, as shown in the banner
+    statement: Mapped[str] = mapped_column(Text)  # the scope and evidence, in the administrator's words
+    signed_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    signer_name: Mapped[str] = mapped_column(String(200))
+    signature_meaning: Mapped[str] = mapped_column(String(200))
+    signed_at: Mapped[Timestamp]
+    revoked_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    revoked_at: Mapped[OptionalTimestamp]
+    revoke_reason: Mapped[str | None] = mapped_column(Text)

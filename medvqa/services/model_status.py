@@ -1,16 +1,16 @@
 """What a clinician must know about the model that answers: whether it is validated for clinical use, what it
 is, and how it measured on its locked test set against answering with a black image (the blind baseline).
 
-No model is validated in medvqa yet: recording a validation (an administrator's audited, signed statement) is
-still to be built, so every answer carries the banner. The figures come from the live adapter's round (its
-locked-test evaluation) or, for the built-in default model, from the metrics shipped with its weights (the
-figures of compliance/model_card.md); a model medvqa has not measured says so.
+A model is validated only by an administrator's audited, signed statement covering exactly its weights
+(services/validation.py); until then every answer carries the "not validated" banner. The figures come from
+the live adapter's round (its locked-test evaluation) or, for the built-in default model, from the metrics
+shipped with its weights (the figures of compliance/model_card.md); a model medvqa has not measured says so.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +36,17 @@ class ModelStatus:
     open_exact: float | None = None
     data: str | None = None
     calibration: dict[str, Any] | None = None  # EvalReport.calibration() on the same data, when measured
+    validation: dict[str, Any] | None = None  # the administrator's signed statement, when one covers these weights
 
     def banner(self) -> str:
         """One paragraph shown with every answer."""
-        head = "Not validated for clinical use: not for diagnosis. " if not self.validated else ""
+        if self.validated and self.validation:
+            signed = str(self.validation["signed_at"])[:10]
+            return (
+                f"Validated for clinical use by {self.validation['signer']} on {signed}, within this scope: "
+                f"{self.validation['statement']}"
+            )
+        head = "Not validated for clinical use: not for diagnosis. "
         if self.closed is None:
             return f"{head}{self.name}: its accuracy has not been measured by medvqa."
         figures = f"{self.name}: on {self.data or 'its locked test set'} it answered {self.closed:.0%} of yes/no"
@@ -51,8 +58,22 @@ class ModelStatus:
         return f"{head}{figures}. Check every answer against the image."
 
 
-def live_model_status(db: Database, settings: Settings) -> ModelStatus:
-    """The status of the model the workbench answers with now (the live adapter's, else its base's)."""
+def live_model_status(
+    db: Database, settings: Settings, model_ref: str | None = None, adapter_ref: str | None = None
+) -> ModelStatus:
+    """The status of the model the workbench answers with now (the live adapter's, else its base's). Given the
+    refs an answer recorded, it is validated when an administrator's standing, signed validation covers exactly
+    those weights (services/validation.py)."""
+    status = _measured(db, settings)
+    if model_ref is None:
+        return status
+    from medvqa.services.validation import validation_for
+
+    validation = validation_for(db, model_ref, adapter_ref)
+    return replace(status, validated=validation is not None, validation=validation)
+
+
+def _measured(db: Database, settings: Settings) -> ModelStatus:
     with db.read_session() as session:
         live = session.scalars(select(Adapter).where(Adapter.status == AdapterStatus.LIVE)).first()
         if live is not None:

@@ -256,9 +256,11 @@ def answer_panel(result: AskResult):
         right.caption(provenance_line(result.model_ref, result.adapter_ref, result.calibration is not None))
         with right.expander("Full provenance (hashes, image selection, decoding)"):
             st.json(result.provenance())
-        status = attempt(lambda: live_model_status(resources.database(), resources.settings()))
-        if status is not None:
-            st.warning(status.banner())  # with every answer, until a model is validated for clinical use
+        status = attempt(
+            lambda: live_model_status(resources.database(), resources.settings(), result.model_ref, result.adapter_ref)
+        )
+        if status is not None:  # with every answer: a warning until an admin's signed validation covers the model
+            (st.info if status.validated else st.warning)(status.banner())
             with st.expander("Model card: what the model is, how it was measured, what it must not be used for"):
                 st.markdown(model_card())
 

@@ -14,6 +14,12 @@ import streamlit as st
 from compliance.policy import Action
 from medvqa.services.model_status import live_model_status
 from medvqa.services.promotion import approve_promotion, compare_metrics, list_adapters, request_promotion, rollback
+from medvqa.services.validation import (
+    VALIDATION_MEANINGS,
+    list_validations,
+    revoke_validation,
+    sign_validation,
+)
 from workbench import resources
 from workbench.auth import attempt, perform, require, show_notice
 
@@ -91,11 +97,54 @@ def _plots(figures_json: str) -> dict[str, Path]:
     return write_plots(json.loads(figures_json), folder)
 
 
+def validation_section(actor) -> None:
+    """Clinical validation: every signed statement (standing or revoked); an administrator signs one for the live
+    model, or revokes one. Until a standing one covers the live weights, every answer says "not validated"."""
+    st.subheader("Clinical validation")
+    db = resources.database()
+    rows = attempt(lambda: list_validations(db, actor)) or []
+    if rows:
+        columns = ("id", "name", "signer", "signed_at", "revoked_at", "statement")
+        st.dataframe([{c: row[c] for c in columns} for row in rows], hide_index=True, width="stretch")
+    else:
+        st.caption('No model has been validated: every answer carries the "not validated" banner.')
+    if actor.role != "admin":
+        return
+    with st.expander("Validate the live model (administrator, signed)"):
+        with st.form("validate_model"):
+            statement = st.text_area(
+                "Statement: the scope (patients, modalities, questions) and the evidence of validation",
+                key="v_statement",
+            )
+            meaning = st.selectbox(
+                "Meaning of your signature",
+                list(VALIDATION_MEANINGS),
+                format_func=VALIDATION_MEANINGS.__getitem__,
+                key="v_meaning",
+            )
+            password = st.text_input(f"Password of {actor.name}, to sign", type="password", key="v_password")
+            signed = st.form_submit_button("Sign the validation")
+        if signed:
+            settings = resources.settings()
+            perform(
+                lambda: sign_validation(db, actor, settings, statement, meaning, password),
+                "The live model is validated; answers now say so and name your statement.",
+            )
+    standing = [row for row in rows if row["revoked_at"] is None]
+    if standing:
+        with st.expander("Revoke a validation"):
+            chosen = st.selectbox("Validation", [row["id"] for row in standing], key="v_revoke_id")
+            reason = st.text_input("Why", key="v_revoke_reason")
+            if st.button("Revoke", key="v_revoke"):
+                perform(lambda: revoke_validation(db, actor, chosen, reason), f"Validation {chosen} revoked.")
+
+
 def page() -> None:
     actor = require(Action.ADAPTER_READ)
     st.title("Models and rounds")
     show_notice()
     calibration_section(attempt(lambda: live_model_status(resources.database(), resources.settings())))
+    validation_section(actor)
     adapters = attempt(lambda: list_adapters(resources.database(), actor)) or []
     if not adapters:
         st.info("No adapters yet: a fine-tuning round registers its adapter here as a candidate.")
