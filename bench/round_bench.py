@@ -47,12 +47,11 @@ def prepare(home: Path, examples: int, test_questions: int) -> Path:
     from medvqa.db import Series
     from medvqa.db.engine import Database
     from medvqa.db.migrate import upgrade
-    from medvqa.errors import HeldForReview
     from medvqa.imaging.demo import build_demo_files
     from medvqa.services.answers import AnswerRecord, record_answer
     from medvqa.services.audit import Actor
-    from medvqa.services.images import model_input
-    from medvqa.services.review import ReviewInput, adjudicate
+    from medvqa.services.images import confirm_no_burned_in_text, model_input
+    from medvqa.services.review import ReviewInput, adjudicate, held_instances
     from medvqa.services.studies import import_paths
     from medvqa.services.users import add_user
 
@@ -74,19 +73,21 @@ def prepare(home: Path, examples: int, test_questions: int) -> Path:
         Actor(reviewer.username, "reviewer", reviewer.id),
     )
     held_stems = {Path(image).stem for image in held}
-    by_image: dict[str, tuple[int, int, Any]] = {}
+    imported: dict[str, int] = {}
     for file in files:  # one import per image: the study of each image is known without reading tags back
-        if file.stem in held_stems:
-            continue
-        study_id = import_paths(db, operator, [file], settings).study_ids[0]
+        if file.stem not in held_stems:
+            imported[file.stem] = import_paths(db, operator, [file], settings).study_ids[0]
+    # Teaching images carry arrows and side markers that the burned-in text detector holds: the reviewer looks at
+    # them (the Review page's service) and confirms there is no identifying text; VQA-RAD is de-identified, CC0.
+    waiting = [item["instance_id"] for item in held_instances(db, judge)]
+    if waiting:
+        confirm_no_burned_in_text(db, judge, waiting)
+    by_image: dict[str, tuple[int, int, Any]] = {}
+    for stem, study_id in imported.items():
         with db.read_session() as session:
             series_id = session.scalars(select(Series.id).where(Series.study_id == study_id)).one()
-        # what `ask` would show the model, computed once per image (its questions share it); an image held for
-        # burned-in text never reaches a model until a reviewer confirms it, so the bench leaves it out
-        try:
-            by_image[file.stem] = (study_id, series_id, model_input(db, asker, series_id, settings))
-        except HeldForReview:
-            continue
+        # what `ask` would show the model, computed once per image (its questions share it)
+        by_image[stem] = (study_id, series_id, model_input(db, asker, series_id, settings))
     chosen = [row for row in rows if row["image"] not in held][:examples]
     recorded = 0
     for row in chosen:

@@ -8,6 +8,7 @@ import uuid
 import streamlit as st
 
 from compliance.policy import Action
+from medvqa.errors import MedVQAError
 from medvqa.imaging.series import Window
 from medvqa.pacs.query import StudyQuery
 from medvqa.services.ask import QUESTION_TEMPLATES, AskResult, ImageChoice, ask, fill_template, replay_model_input
@@ -207,10 +208,11 @@ def question_form(actor, study, view):
         def show(partial: str) -> None:  # the answer so far, as each token arrives (plain text, never markup)
             slot.text(partial)
 
+        model = resources.model()
+        # With a calibration the answer may be withheld (abstention is known only at the end): no streaming then.
+        stream = show if model.calibration is None else None
         result = attempt(
-            lambda: ask(
-                db, actor, settings, resources.model(), study["id"], question, choice, _type(template), on_text=show
-            )
+            lambda: ask(db, actor, settings, model, study["id"], question, choice, _type(template), on_text=stream)
         )
     if result is not None:
         st.session_state["answer"] = result
@@ -302,8 +304,10 @@ def _replayed(actor, answer_id):
     """The exact image an earlier answer was given for, rebuilt once per session from its recorded selection."""
     cache = st.session_state.setdefault("replayed_images", {})
     if answer_id not in cache:
-        rebuilt = attempt(lambda: replay_model_input(resources.database(), actor, resources.settings(), answer_id))
-        cache[answer_id] = rebuilt[0] if rebuilt is not None else None
+        try:
+            cache[answer_id] = replay_model_input(resources.database(), actor, resources.settings(), answer_id)[0]
+        except MedVQAError:  # e.g. the image is held again after a cleaning: the thread shows no image, no error
+            cache[answer_id] = None
     return cache[answer_id]
 
 
