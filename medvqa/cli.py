@@ -24,8 +24,8 @@ from medvqa.cli_support import study_line as _study_line
 from medvqa.errors import MedVQAError
 
 if TYPE_CHECKING:
-    from medvqa.db.engine import Database
     from medvqa.model.adapters import LoraSettings
+    from medvqa.services.database import Database
     from medvqa.training.train import TrainSettings
 
 DEMO_USERS = {  # username -> role; the demo is for trying the workbench, never for patient data
@@ -58,13 +58,11 @@ def db() -> None:
 @_json_option
 def db_upgrade(as_json: bool) -> None:
     """Create the database or migrate it to the schema this code expects (MEDVQA_DATABASE_URL)."""
-    from medvqa.db.migrate import current_revision, upgrade
+    from medvqa.services.database import database_url, upgrade_database
 
     database = _open_database(migrated=False)
-    before = current_revision(database)
-    upgrade(database)
-    after = current_revision(database)
-    url = database.engine.url.render_as_string(hide_password=True)
+    before, after = upgrade_database(database)
+    url = database_url(database)
     _emit(as_json, {"database": url, "from": before, "to": after}, f"database {url}: {before or 'empty'} -> {after}")
 
 
@@ -75,9 +73,9 @@ def db_grant(role: str, as_json: bool) -> None:
     """PostgreSQL: grant the existing role ROLE what the application needs and no more (insert-only on the
     append-only tables), so that the workbench can run as a role that cannot disable their triggers. Run it
     as the tables' owner, after `medvqa db upgrade`."""
-    from medvqa.db.migrate import grant_application_role
+    from medvqa.services.database import grant_role
 
-    statements = grant_application_role(_open_database(migrated=False), role)
+    statements = grant_role(_open_database(migrated=False), role)
     _emit(as_json, {"role": role, "statements": statements}, "\n".join(f"{s};" for s in statements))
 
 
@@ -646,7 +644,7 @@ def demo(no_app: bool, no_browser: bool) -> None:
     VQA-RAD teaching images as de-identified demo studies (MEDVQA_DEMO_DATA); then start the workbench on
     127.0.0.1 (the demo accounts share a published password, so no other address is served)."""
     from medvqa.config import load_settings
-    from medvqa.db.migrate import upgrade
+    from medvqa.services.database import database_url, upgrade_database
     from medvqa.services.users import add_user, list_users
 
     address = None if no_app else _server_address()
@@ -657,12 +655,12 @@ def demo(no_app: bool, no_browser: bool) -> None:
         )
     settings = load_settings()
     database = _open_database(migrated=False)
-    upgrade(database)
+    upgrade_database(database)
     existing = {row["username"] for row in list_users(database, _operator())}
     for username, role in DEMO_USERS.items():
         if username not in existing:
             add_user(database, _operator(), username, DEMO_PASSWORD, role, f"Demo {role}")
-    click.echo(f"database: {database.engine.url.render_as_string(hide_password=True)}")
+    click.echo(f"database: {database_url(database)}")
     click.echo(f"demo accounts (password {DEMO_PASSWORD!r}): " + ", ".join(f"{u} ({r})" for u, r in DEMO_USERS.items()))
     _import_demo_studies(database, settings)
     if no_app:

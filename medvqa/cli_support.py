@@ -18,8 +18,8 @@ import click
 from medvqa.errors import MedVQAError
 
 if TYPE_CHECKING:
-    from medvqa.db.engine import Database
     from medvqa.services.audit import Actor
+    from medvqa.services.database import Database
 
 # How to train: the options `medvqa train` and `medvqa rounds run` share, in --help order.
 _TRAINING_OPTIONS = (
@@ -46,14 +46,19 @@ class OneLineErrorGroup(click.Group):
     """Turns expected failures into one line on stderr and exit status 1 (also for a group run on its own)."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from sqlalchemy.exc import OperationalError
-
         try:
             return super().invoke(ctx)
         except MedVQAError as exc:
             fail(str(exc))
-        except OperationalError as exc:
-            fail(f"cannot use the database: {str(exc.orig).strip().splitlines()[0]}")
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own ways out (usage errors, --help, Ctrl+C) stay click's
+        except Exception as exc:
+            from medvqa.services.database import database_error
+
+            message = database_error(exc)
+            if message is None:
+                raise
+            fail(message)
 
 
 def fail(message: str) -> NoReturn:
@@ -114,17 +119,9 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def open_database(*, migrated: bool = True) -> Database:
     """The configured database; with `migrated`, checked to be at the schema this code expects."""
-    from medvqa.config import load_settings
-    from medvqa.db.engine import Database
-    from medvqa.db.migrate import ensure_current
+    from medvqa.services.database import open_database as open_configured
 
-    settings = load_settings()
-    if settings.sqlalchemy_url.get_backend_name() == "sqlite":
-        settings.home.mkdir(parents=True, exist_ok=True)
-    db = Database.from_settings(settings)
-    if migrated:
-        ensure_current(db)
-    return db
+    return open_configured(migrated=migrated)
 
 
 def operator() -> Actor:

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 import streamlit as st
 
 from medvqa.config import Settings, load_settings
-from medvqa.db.engine import Database
 from medvqa.errors import MedVQAError
 from medvqa.services.audit import Actor
 
 if TYPE_CHECKING:
     from medvqa.imaging.series import Series
     from medvqa.services.ask import ServingModel
+    from medvqa.services.database import Database
 
 
 def settings() -> Settings:
@@ -32,7 +32,7 @@ def settings() -> Settings:
 
 def database() -> Database:
     """The database engine, or one error line on the page and a stop (unreachable or not migrated)."""
-    from sqlalchemy.exc import OperationalError
+    from medvqa.services.database import database_error
 
     current = settings()
     url = current.sqlalchemy_url.render_as_string(hide_password=False)
@@ -41,31 +41,30 @@ def database() -> Database:
         return _database(url, anchor, current.sqlite_busy_timeout_ms, current.write_retries)
     except MedVQAError as exc:
         st.error(f"database: {exc}")
-    except OperationalError as exc:
-        st.error(f"cannot use the database: {str(exc.orig).strip().splitlines()[0]}")
+    except Exception as exc:
+        message = database_error(exc)
+        if message is None:
+            raise
+        st.error(message)
     st.stop()
 
 
 @st.cache_resource(show_spinner=False)
 def _database(url: str, anchor: tuple[str, str], busy_timeout_ms: int, write_retries: int) -> Database:
-    from compliance.audit_chain import AuditAnchor
-    from medvqa.config import normalize_database_url
-    from medvqa.db.engine import build_engine
-    from medvqa.db.migrate import ensure_current
+    from medvqa.services.database import open_url
 
-    audit_anchor = AuditAnchor(Path(anchor[0]), Path(anchor[1]))
-    db = Database(build_engine(normalize_database_url(url), busy_timeout_ms), audit_anchor, write_retries)
-    ensure_current(db)
-    return db
+    paths = (Path(anchor[0]), Path(anchor[1]))
+    return open_url(url, paths, busy_timeout_ms=busy_timeout_ms, write_retries=write_retries)
 
 
 def model() -> ServingModel:
     """The answering model with the live adapter; reloaded when another adapter goes live."""
     from medvqa.services.ask import live_adapter_id
+    from medvqa.services.database import database_url
 
     current, db = settings(), database()
     base = str(current.base_model or "")
-    return _model(str(db.engine.url), base, current.device, live_adapter_id(db))
+    return _model(database_url(db), base, current.device, live_adapter_id(db))
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
@@ -77,8 +76,10 @@ def _model(url: str, base_model: str, device: str, adapter_id: int | None) -> Se
 
 def volume(actor: Actor, series_id: int) -> Series:
     """A series' volume, read from the store once and kept: scrolling and windowing never reload it."""
+    from medvqa.services.database import database_url
+
     db = database()
-    return _volume(db, str(db.engine.url), actor.name, actor.role, actor.user_id, series_id)
+    return _volume(db, database_url(db), actor.name, actor.role, actor.user_id, series_id)
 
 
 @st.cache_resource(show_spinner="Reading the series...", max_entries=8)

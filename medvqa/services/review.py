@@ -26,6 +26,20 @@ from medvqa.services.audit import Actor
 from medvqa.services.transaction import write
 from medvqa.services.users import reauthenticate
 
+__all__ = [  # the workbench's review page names these; Verdict is the database's enumeration, re-exported
+    "READINGS",
+    "SIGNATURE_MEANINGS",
+    "Agreement",
+    "QueueFilter",
+    "ReviewInput",
+    "Verdict",
+    "adjudicate",
+    "agreement",
+    "cohen_kappa",
+    "held_instances",
+    "review_queue",
+]
+
 READINGS = 2  # double reading: at most two independent reviewers per answer
 SIGNATURE_MEANINGS = {  # 21 CFR 11.50(a)(3): the meaning associated with the signature
     "review": "I reviewed this answer and my verdict stands as recorded",

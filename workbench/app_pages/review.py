@@ -8,7 +8,6 @@ import streamlit as st
 from PIL import Image, ImageDraw
 
 from compliance.policy import Action
-from medvqa.db import Verdict
 from medvqa.services.ask import replay_model_input
 from medvqa.services.images import clean_burned_in_text, confirm_no_burned_in_text
 from medvqa.services.queries import answer_detail
@@ -16,6 +15,7 @@ from medvqa.services.review import (
     SIGNATURE_MEANINGS,
     QueueFilter,
     ReviewInput,
+    Verdict,
     adjudicate,
     agreement,
     held_instances,
