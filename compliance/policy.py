@@ -40,6 +40,7 @@ class Action(enum.StrEnum):
     ACCOUNT_LOCKOUT = "auth:account:lockout"
     SESSION_LOGIN = "auth:session:login"
     SESSION_LOGOUT = "auth:session:logout"
+    SESSION_RESUME = "auth:session:resume"
     STUDY_IMPORT = "study:study:import"
     STUDY_LIST = "study:study:list"
     STUDY_VIEW = "study:study:view"
@@ -82,6 +83,7 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.SESSION_LOGIN: frozenset({_C, _R, _M, _A, _ADM}),
     Action.ACCOUNT_LOCKOUT: frozenset({_C, _R, _M, _A, _ADM}),  # recorded when sign-in attempts lock a name
     Action.SESSION_LOGOUT: frozenset({_C, _R, _M, _A, _ADM}),
+    Action.SESSION_RESUME: frozenset({_C, _R, _M, _A, _ADM}),
     Action.STUDY_IMPORT: frozenset({_C, _ADM}),
     Action.STUDY_LIST: frozenset({_C, _R, _M, _A, _ADM}),  # de-identified metadata only
     Action.STUDY_VIEW: frozenset({_C, _R}),

@@ -520,12 +520,12 @@ def _server_address() -> str | None:
 
 
 def _run_workbench(database: Database, headless: bool) -> NoReturn:
-    """Replace this process with `streamlit run workbench/app.py`: one process, so stopping it stops the app,
+    """Replace this process with `streamlit run workbench/server.py`: one process, so stopping it stops the app,
     and Streamlit reads its own settings (STREAMLIT_* variables, .streamlit/config.toml) as usual."""
     import os
 
     from medvqa.services.users import accounts_with_password
-    from workbench import APP_PATH
+    from workbench import SERVER_PATH
 
     env = dict(os.environ)
     address = _server_address()
@@ -545,7 +545,7 @@ def _run_workbench(database: Database, headless: bool) -> NoReturn:
     env["STREAMLIT_CLIENT_SHOW_ERROR_DETAILS"] = "none"  # never a traceback on a page: the app logs it with an id
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "streamlit", "run", str(APP_PATH)], env)
+    os.execve(sys.executable, [sys.executable, "-m", "streamlit", "run", str(SERVER_PATH)], env)
 
 
 @main.group()

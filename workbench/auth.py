@@ -1,6 +1,7 @@
 """Who is signed in: the sign-in form (local accounts, or the hospital's OIDC provider through st.login),
 the server-side session checks on every request (idle timeout, absolute lifetime, account disabled or role
-changed), sign-out, and the role check every page and button goes through."""
+changed), taking a session up again after a browser refresh (the HttpOnly cookie of workbench/session_cookie.py),
+sign-out, and the role check every page and button goes through."""
 
 from __future__ import annotations
 
@@ -13,9 +14,16 @@ import streamlit as st
 from medvqa.errors import AccessDenied, MedVQAError
 from medvqa.services.access import authorize
 from medvqa.services.audit import Actor
-from medvqa.services.sessions import check_session, is_idle, sign_in_external, sign_out, start_session
+from medvqa.services.sessions import (
+    check_session,
+    is_idle,
+    resume_session,
+    sign_in_external,
+    sign_out,
+    start_session,
+)
 from medvqa.services.users import ThrottleSettings, authenticate
-from workbench import resources
+from workbench import resources, session_cookie
 
 ACTOR = "medvqa_actor"
 LAST_SEEN = "medvqa_last_seen"
@@ -23,6 +31,10 @@ STARTED = "medvqa_session_started"
 TOKEN = "medvqa_session_token"
 NOTICE = "medvqa_notice"
 DONE = "medvqa_done"
+RESUME_TRIED = "medvqa_resume_tried"
+COOKIE_ACTION = "medvqa_cookie_action"  # (action, handoff code or None) for the page's next run
+COOKIE_RENEWED = "medvqa_cookie_renewed"
+COOKIE_RENEW_EVERY = timedelta(minutes=1)
 T = TypeVar("T")
 
 
@@ -81,6 +93,62 @@ def enforce_session() -> None:
         st.session_state[NOTICE] = _notice(reason)
         return
     st.session_state[LAST_SEEN] = now
+    if now - st.session_state.get(COOKIE_RENEWED, now) >= COOKIE_RENEW_EVERY:
+        _cookie_action("renew")  # the cookie's Max-Age slides with the person's activity
+
+
+def session_cookie_token() -> str | None:
+    """The session token the browser sent in its cookie (None outside a browser, or without one)."""
+    try:
+        token = st.context.cookies.get(session_cookie.COOKIE)
+    except Exception:  # outside a browser session (AppTest) there is no request to ask
+        return None
+    return token if isinstance(token, str) and token else None  # AppTest's stand-in request holds mocks
+
+
+def resume_from_cookie() -> None:
+    """Once per browser session, before anything else: a refresh or an opened link takes up the server-side
+    session its cookie names, when that is still live; a spent cookie is expired."""
+    if current_actor() is not None or st.session_state.get(RESUME_TRIED):
+        return
+    st.session_state[RESUME_TRIED] = True
+    token = session_cookie_token()
+    if token is None:
+        return
+    current = resources.settings()
+    resumed = attempt(
+        lambda: resume_session(
+            resources.database(),
+            token,
+            idle_timeout_minutes=current.workbench_idle_timeout_minutes,
+            max_age=timedelta(hours=current.workbench_session_max_hours),
+            source=client_address(),
+        )
+    )
+    if resumed is None:
+        _cookie_action("end")
+        st.session_state[NOTICE] = "Your earlier session has ended; please sign in again."
+        return
+    now = datetime.now(UTC)
+    st.session_state[ACTOR] = resumed.actor
+    st.session_state[TOKEN] = token
+    st.session_state[STARTED] = resumed.started
+    st.session_state[LAST_SEEN] = now
+    _cookie_action("renew")
+
+
+def _cookie_action(action: str, code: str | None = None) -> None:
+    st.session_state[COOKIE_ACTION] = (action, code)
+    if action != "end":
+        st.session_state[COOKIE_RENEWED] = datetime.now(UTC)
+
+
+def sync_cookie() -> None:
+    """Run the pending cookie step in the browser (claim after sign-in, renew, or end), once."""
+    pending = st.session_state.pop(COOKIE_ACTION, None)
+    if pending is not None:
+        action, code = pending
+        st.html(session_cookie.script(action, code), unsafe_allow_javascript=True)
 
 
 def begin_session(actor: Actor) -> None:
@@ -88,15 +156,19 @@ def begin_session(actor: Actor) -> None:
     st.session_state[ACTOR] = actor
     st.session_state[TOKEN] = token
     st.session_state[LAST_SEEN] = st.session_state[STARTED] = datetime.now(UTC)
+    _cookie_action("claim", session_cookie.issue_handoff(token))
 
 
 def end_session(reason: str = "signed out") -> None:
-    """Audit the sign-out and forget everything this session held (answers, keys, filters)."""
+    """Audit the sign-out, forget everything this session held (answers, keys, filters), and expire the
+    session cookie in the browser."""
     actor = current_actor()
     if actor is not None:
         sign_out(resources.database(), actor, reason, st.session_state.get(TOKEN))
     for key in list(st.session_state.keys()):
         del st.session_state[key]
+    st.session_state[RESUME_TRIED] = True  # the browser still sent the old cookie: never take it up again
+    _cookie_action("end")
     if oidc_configured() and getattr(st.user, "is_logged_in", False):
         st.logout()
 

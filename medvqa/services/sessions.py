@@ -156,3 +156,67 @@ def sign_out(db: Database, actor: Actor, reason: str = "signed out", token: str 
 def is_idle(last_seen: datetime, now: datetime, timeout_minutes: int) -> bool:
     """True when more than the timeout has passed since the last interaction."""
     return now - last_seen > timedelta(minutes=timeout_minutes)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A session taken up again from its token (a browser refresh or an opened link): who, and since when."""
+
+    actor: Actor
+    started: datetime
+
+
+def resume_session(
+    db: Database,
+    token: str,
+    *,
+    idle_timeout_minutes: int,
+    max_age: timedelta,
+    source: str | None = None,
+    now: datetime | None = None,
+) -> Resumed | None:
+    """The session whose token the browser presented, when it may go on: not ended, its account active with
+    the role it signed in with, neither idle for longer than the timeout nor older than `max_age`. A session
+    found past its idle timeout or lifetime is ended here (and audited), so its token is spent. Resuming is
+    audited (`auth:session:resume`) and counts as activity. None when there is nothing to resume."""
+    now = now or utcnow()
+    with db.read_session() as session:
+        record = _record(session, token)
+        if record is None or record.ended_at is not None:
+            return None
+        user = session.get(User, record.user_id)
+        if user is None:
+            return None
+        actor = Actor(user.username, user.role.name, user.id)
+        active = user.is_active
+        created, last_seen = _aware(record.created_at), _aware(record.last_seen_at)
+    reason = None
+    if not active:
+        reason = "account disabled"
+    elif is_idle(last_seen, now, idle_timeout_minutes):
+        reason = "idle timeout"
+    elif now - created > max_age:
+        reason = "session lifetime"
+    if reason is not None:
+        sign_out(db, actor, reason, token)
+        return None
+
+    def work(session: Session) -> None:
+        current = _record(session, token)
+        if current is not None and current.ended_at is None:
+            current.last_seen_at = now
+        details = {"source": source or "local"}
+        audit.record(session, actor, Action.SESSION_RESUME, "user", actor.user_id, details=details)
+
+    write(db, work)
+    return Resumed(actor, created)
+
+
+def session_is_live(db: Database, token: str, *, idle_timeout_minutes: int, now: datetime | None = None) -> bool:
+    """Whether the token names a session that has not ended and is not idle (the cookie may be renewed)."""
+    now = now or utcnow()
+    with db.read_session() as session:
+        record = _record(session, token)
+        if record is None or record.ended_at is not None:
+            return False
+        return not is_idle(_aware(record.last_seen_at), now, idle_timeout_minutes)

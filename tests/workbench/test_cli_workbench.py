@@ -14,7 +14,7 @@ from medvqa.cli import main
 from medvqa.services.users import add_user, set_active
 from tests.factories import OPERATOR
 from tests.test_demo import fake_vqa_rad
-from workbench import APP_PATH
+from workbench import SERVER_PATH
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_workbench_execs_streamlit_and_keeps_streamlit_settings(db, cli_env, exe
     result = CliRunner().invoke(main, ["workbench", "--no-browser"])
     assert result.exit_code == 0, result.output
     [(path, argv, env)] = exec_calls
-    assert path == sys.executable and argv[1:] == ["-m", "streamlit", "run", str(APP_PATH)]
+    assert path == sys.executable and argv[1:] == ["-m", "streamlit", "run", str(SERVER_PATH)]
     assert env["STREAMLIT_SERVER_PORT"] == "8599" and env["STREAMLIT_SERVER_HEADLESS"] == "true"
     assert env["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] == "false"
     assert env["MEDVQA_DATABASE_URL"] == cli_env["MEDVQA_DATABASE_URL"]
@@ -58,7 +58,7 @@ def test_demo_sets_up_then_starts_the_app(tmp_path, monkeypatch, exec_calls):
     assert result.exit_code == 0 and "demo studies: 3 imported" in result.stdout
     assert exec_calls[0][2]["STREAMLIT_SERVER_ADDRESS"] == "127.0.0.1"
     assert "starting the workbench" in result.stdout and len(exec_calls) == 1
-    assert exec_calls[0][1][-1] == str(APP_PATH)
+    assert exec_calls[0][1][-1] == str(SERVER_PATH)
 
 
 def test_help_and_the_app_modules_do_not_import_torch():

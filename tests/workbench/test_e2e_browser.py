@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from medvqa.cli import DEMO_PASSWORD
-from medvqa.db import Answer, Feedback, Question, Study
+from medvqa.db import Answer, AuditEvent, Feedback, Question, Study
 from tests.test_demo import fake_vqa_rad
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -197,3 +197,28 @@ def test_demo_sign_in_ask_and_rate_in_a_real_browser(db, server, browser):
         feedback = session.scalars(select(Feedback)).all()
     assert study.modality == "MR"
     assert len(answers) == 1 and [(f.answer_id, f.verdict.value) for f in feedback] == [(answers[0].id, "partial")]
+    # A refresh keeps the clinician signed in, on the same study and its thread: the session rides in an
+    # HttpOnly, SameSite=Strict cookie that the page's scripts cannot read.
+    cookie = browser.get_cookie("medvqa_session")
+    assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+    assert "medvqa_session" not in browser.execute_script("return document.cookie")
+    linked = f"study={study.id}"
+    assert linked in browser.current_url and "/ask" in browser.current_url
+    browser.refresh()
+    wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Signed in as dr.demo')]")))
+    wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Is there a fracture?')]")))
+    assert linked in browser.current_url
+    # A link to a page the clinician may not open shows the refusal (audited), not a 404.
+    browser.get(f"{server}/audit")
+    wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Refused')]")))
+    settle(wait)
+    click(wait, button("Sign out"))
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[aria-label='Username']")))
+    wait.until(lambda driver: driver.get_cookie("medvqa_session") is None)
+    browser.get(f"{server}/ask?{linked}")  # signed out, the link asks for a sign-in first
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[aria-label='Username']")))
+    with db.read_session() as session:
+        trail = session.scalars(select(AuditEvent).where(AuditEvent.actor_name == "dr.demo")).all()
+    kinds = [(event.action, event.outcome) for event in trail]
+    assert ("auth:session:resume", "success") in kinds and ("audit:event:read", "denied") in kinds
+    assert kinds[-1] == ("auth:session:logout", "success")

@@ -113,8 +113,22 @@ def study_picker(actor):
         st.info("No study matches; change the search or import studies (`medvqa import`).")
         return None
     labels = {row["id"]: f"#{row['id']} {row['modality']} {row['body_part'] or ''} {row['patient']}" for row in rows}
+    _open_linked_study(labels)
     chosen = st.selectbox("Study", list(labels), format_func=labels.__getitem__, key="study_id")
+    if st.query_params.get("study") != str(chosen):
+        st.query_params["study"] = str(chosen)  # the address names the open study: a refresh or a link keeps it
     return next(row for row in rows if row["id"] == chosen)
+
+
+def _open_linked_study(labels):
+    """The study named by the address (?study=ID), when the page opens on it (a refresh, a shared link)."""
+    linked = st.query_params.get("study")
+    if linked is None or "study_id" in st.session_state:
+        return
+    if linked.isdigit() and int(linked) in labels:
+        st.session_state["study_id"] = int(linked)
+    else:
+        st.warning(f"The linked study {linked[:20]!r} is not among the studies listed here; choose one below.")
 
 
 def _range(value):

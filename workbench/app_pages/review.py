@@ -93,7 +93,7 @@ def show_answer(actor, detail) -> None:
             args=(detail["study_id"],),
         )
     if st.session_state.pop("open_study_requested", False):
-        st.switch_page("app_pages/ask.py")
+        st.switch_page("app_pages/ask.py", query_params={"study": str(st.session_state["study_id"])})
 
 
 STUDY_FILTERS = ("f_modality", "f_body", "f_text", "f_study_date", "f_imported")
