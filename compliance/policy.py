@@ -50,6 +50,7 @@ class Action(enum.StrEnum):
     INSTANCE_CONFIRM = "study:instance:confirm_burned_in"
     INSTANCE_CLEAN = "study:instance:clean_burned_in"
     QUESTION_ASK = "answer:question:ask"
+    HEATMAP_CREATE = "answer:heatmap:create"
     FEEDBACK_CREATE = "answer:feedback:create"
     FEEDBACK_SUPERSEDE = "answer:feedback:supersede"
     REVIEW_CREATE = "answer:review:create"
@@ -93,6 +94,7 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.INSTANCE_CONFIRM: frozenset({_R}),
     Action.INSTANCE_CLEAN: frozenset({_R}),
     Action.QUESTION_ASK: frozenset({_C, _R}),
+    Action.HEATMAP_CREATE: frozenset({_C, _R}),  # where the model looked, for an answer they may read
     Action.FEEDBACK_CREATE: frozenset({_C, _R}),
     Action.FEEDBACK_SUPERSEDE: frozenset({_C, _R}),
     Action.REVIEW_CREATE: frozenset({_R}),

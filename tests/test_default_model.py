@@ -448,3 +448,22 @@ def test_the_shipped_weights_fold_into_the_default_model_and_answer_a_radiograph
         assert together.text == alone.text and len(together.token_scores) == len(alone.token_scores)
         assert together.token_scores == pytest.approx(alone.token_scores, abs=1e-4)
         assert together.confidence == pytest.approx(alone.confidence, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_the_shipped_model_s_heatmaps_pass_both_sanity_checks_and_point_at_the_finding(vlm: Loaded) -> None:
+    """Adebayo et al.'s checks on the model `medvqa demo` answers with: its map changes when the image pathway's
+    weights are randomised and differs between two images; on a picture with one bright disc, it is hotter
+    over the disc's quarter than over the opposite one."""
+    from medvqa.model.generation import answer
+    from medvqa.model.loading import load_vlm
+    from medvqa.model.saliency import CHECK_QUESTION, check_images, saliency, sanity_check
+
+    model = load_vlm(ensure_default_model(vlm.folder.parents[1]), device="cpu", dtype="float32")
+    check = sanity_check(model)
+    assert check.passes_model_randomisation and check.passes_data_check, check.to_json()
+    disc_top_left, _ = check_images()
+    given = answer(model, disc_top_left, CHECK_QUESTION)
+    grid = saliency(model, disc_top_left, CHECK_QUESTION, given.token_ids).grid
+    half = grid.shape[0] // 2
+    assert grid[:half, :half].mean() > 2 * grid[half:, half:].mean()

@@ -97,6 +97,13 @@ def enforce_session() -> None:
         _cookie_action("renew")  # the cookie's Max-Age slides with the person's activity
 
 
+def still_signed_in() -> bool:
+    """For a fragment's own reruns, which skip the app's script: the same session checks (idle timeout,
+    lifetime, account disabled or role changed, ended elsewhere) before the fragment acts."""
+    enforce_session()
+    return current_actor() is not None
+
+
 def session_cookie_token() -> str | None:
     """The session token the browser sent in its cookie (None outside a browser, or without one)."""
     try:

@@ -34,6 +34,7 @@ TRACKED_TABLES = (
     "training_rounds",
     "adapters",
     "model_validations",
+    "answer_heatmaps",
 )
 # Columns added after rows could exist: a row digest leaves them out while they are NULL, so rows written
 # before the migration that added them still verify (a value set later is covered like any other column).

@@ -101,3 +101,20 @@ class Review(Base):
     signature_meaning: Mapped[str | None] = mapped_column(String(64))
     signed_at: Mapped[OptionalTimestamp]
     created_at: Mapped[Timestamp]
+
+
+class AnswerHeatmap(Base):
+    """Where the model looked for one answer: the saliency map on the image-token grid, its hash (the
+    answer's heatmap provenance), the method, and the sanity checks of the model that made it. Made on
+    request, once per answer; the map is shown only when the checks pass (medvqa/model/saliency.py)."""
+
+    __tablename__ = "answer_heatmaps"
+
+    id: Mapped[IntPK]
+    answer_id: Mapped[int] = mapped_column(ForeignKey("answers.id"), unique=True)
+    method: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[Sha256]
+    grid: Mapped[list[Any]] = mapped_column(JSON)  # rows of floats in [0, 1]
+    checks: Mapped[dict[str, Any]] = mapped_column(JSON)  # SanityCheck.to_json()
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[Timestamp]

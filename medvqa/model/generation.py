@@ -58,6 +58,7 @@ class Answer:
     prompt_version: str
     decoding: dict[str, Any]  # GenerationSettings.as_dict()
     latency_ms: float  # preprocessing + generation, wall clock
+    token_ids: tuple[int, ...] = ()  # the generated token ids (end-of-sequence included): what a heatmap explains
 
 
 class TextStream:
@@ -121,6 +122,7 @@ def answer(
         prompt_version=template.version,
         decoding=settings.as_dict(),
         latency_ms=latency_ms,
+        token_ids=tuple(new_tokens),
     )
 
 
@@ -168,6 +170,7 @@ def answer_batch(
                 prompt_version=template.version,
                 decoding=settings.as_dict(),
                 latency_ms=latency_ms,
+                token_ids=tuple(new_tokens),
             )
         )
     return answers

@@ -238,3 +238,39 @@ def test_the_demo_multi_frame_volume_scrolls_slice_by_slice(db, app_env, setting
     assert (slider.min, slider.max, slider.value) == (0, 29, 15)
     slider.set_value(3).run()
     assert not app.exception and any("slice 4 of 30" in str(image.proto) for image in app.get("image"))
+
+
+def test_where_the_model_looked_is_one_toggle_away_with_an_opacity_control(db, app_env, ct_study, clinician):
+    app = ask_about_slice(signed_in(clinician))
+    answer_id = app.session_state["answer"].answer_id
+    assert not overlays(app)
+    app.toggle(key=f"heat_{answer_id}").set_value(True).run()
+    assert not app.exception and not errors(app)
+    (stored,) = stored_heatmaps(db)
+    assert stored.answer_id == answer_id and stored.checks["passes_data_check"]  # the tiny LLaVA passes both
+    assert len(overlays(app)) == 1 and any(stored.sha256[:12] in caption.value for caption in app.caption)
+    app.slider(key=f"opacity_{answer_id}").set_value(0.9).run()
+    assert not app.exception and len(overlays(app)) == 1 and len(stored_heatmaps(db)) == 1  # no new map
+
+
+def test_a_model_whose_maps_fail_both_sanity_checks_shows_none(db, app_env, ct_study, clinician, monkeypatch):
+    from medvqa.model.saliency import SanityCheck
+    from medvqa.services import heatmaps
+
+    monkeypatch.setattr(heatmaps, "model_checks", lambda model: SanityCheck(0.97, 0.99))
+    app = ask_about_slice(signed_in(clinician))
+    app.toggle(key=f"heat_{app.session_state['answer'].answer_id}").set_value(True).run()
+    assert not overlays(app) and any("failed both sanity checks" in info.value for info in app.info)
+    (stored,) = stored_heatmaps(db)  # the map is kept with its checks (the audit trail says it was not shown)
+    assert not stored.checks["passes_model_randomisation"] and not stored.checks["passes_data_check"]
+
+
+def overlays(app):
+    return [image for image in app.get("image") if "where the model looked" in str(image.proto)]
+
+
+def stored_heatmaps(db):
+    from medvqa.db import AnswerHeatmap
+
+    with db.read_session() as session:
+        return session.scalars(select(AnswerHeatmap)).all()

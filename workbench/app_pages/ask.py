@@ -6,6 +6,7 @@ import html
 import uuid
 
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
 from compliance.policy import Action
 from medvqa.errors import MedVQAError
@@ -13,12 +14,13 @@ from medvqa.imaging.series import Window
 from medvqa.pacs.query import StudyQuery
 from medvqa.services.ask import QUESTION_TEMPLATES, AskResult, ImageChoice, ask, fill_template, replay_model_input
 from medvqa.services.feedback import FeedbackInput, give_feedback
+from medvqa.services.heatmaps import answer_heatmap
 from medvqa.services.model_status import live_model_status, model_card
 from medvqa.services.pacs import find_studies, retrieve_study
 from medvqa.services.queries import StudyFilter, search_studies, study_series, study_thread
 from medvqa.services.viewer import instance_metadata, render_slice, thumbnails, window_choices
 from workbench import resources
-from workbench.auth import attempt, require
+from workbench.auth import attempt, require, still_signed_in
 
 VERDICTS = {"correct": "Correct", "partial": "Partly correct", "incorrect": "Incorrect"}
 FREE_TEXT = "free text"
@@ -231,7 +233,7 @@ def question_form(actor, study, view):
     if result is not None:
         st.session_state["answer"] = result
         st.session_state[f"feedback_key_{result.answer_id}"] = uuid.uuid4().hex
-        st.rerun()  # the thread now holds the answer, with its image, confidence and rating form
+        rerun_conversation()  # the thread now holds the answer, with its image, confidence and rating form
 
 
 def _type(template):
@@ -249,7 +251,7 @@ CALIBRATED_NOTE = (
 )
 
 
-def answer_panel(result: AskResult):
+def answer_panel(actor, result: AskResult):
     """The newest answer of this session: the question, the answer set large, its confidence, the exact image
     the model saw, a one-line provenance with the full record one click away, and the banner."""
     with st.chat_message("user"):
@@ -272,6 +274,7 @@ def answer_panel(result: AskResult):
         right.caption(provenance_line(result.model_ref, result.adapter_ref, result.calibration is not None))
         with right.expander("Full provenance (hashes, image selection, decoding)"):
             st.json(result.provenance())
+        heatmap_view(actor, result.answer_id, result.image)
         status = attempt(
             lambda: live_model_status(resources.database(), resources.settings(), result.model_ref, result.adapter_ref)
         )
@@ -312,6 +315,34 @@ def thread_item(actor, item):
         if image is not None:
             with st.popover("The image the model saw"):
                 st.image(image, width=384)
+            heatmap_view(actor, item["answer_id"], image)
+
+
+def heatmap_view(actor, answer_id, image):
+    """Where the model looked, on request: the map of the model that answered (made once, stored with its
+    hash), laid over the exact image with an opacity control; no map when the model fails both sanity checks."""
+    if not st.toggle("Where the model looked", key=f"heat_{answer_id}"):
+        return
+    with st.spinner("Tracing the answer back to the image..."):
+        heat = attempt(
+            lambda: answer_heatmap(resources.database(), actor, resources.settings(), resources.model(), answer_id)
+        )
+    if heat is None:
+        return
+    checks = heat.checks
+    tested = (
+        f"sanity checks, rank correlation with randomised weights {checks['weights_randomised_rank_correlation']:.2f}"
+        f" and with another image {checks['other_image_rank_correlation']:.2f} (below {checks['changed_below']}: "
+        "the map changed, as it must)"
+    )
+    if not heat.trusted:
+        st.info(
+            f"No heatmap: this model's maps failed both sanity checks, so they cannot say where it looked; {tested}."
+        )
+        return
+    opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key=f"opacity_{answer_id}")
+    st.image(heat.overlay(image, opacity), caption="where the model looked (brighter: the answer depends more on it)")
+    st.caption(f"heatmap {heat.sha256[:12]} · gradient of the answer at the image tokens · {tested}")
 
 
 def _replayed(actor, answer_id):
@@ -325,9 +356,22 @@ def _replayed(actor, answer_id):
     return cache[answer_id]
 
 
+def rerun_conversation():
+    """Run the conversation again, alone when it runs as its own fragment (the viewer and the search stay as
+    they are, so the answer shows without redrawing the page), else the whole page."""
+    try:
+        st.rerun(scope="fragment")
+    except StreamlitAPIException:  # the conversation ran as part of a whole-page run
+        st.rerun()
+
+
+@st.fragment
 def conversation(actor, study, view):
     """The questions and answers about this study (stored, so they come back for anyone allowed to see it), the
-    newest answer with its rating form, and the question form at the bottom."""
+    newest answer with its rating form, and the question form at the bottom. A fragment: asking, rating and
+    reading rerun this column only, so a clinician waits for the model, not for the page."""
+    if not still_signed_in():  # a fragment rerun skips the app's session checks: make them here
+        st.rerun()
     st.subheader("Conversation")
     current = st.session_state.get("answer")
     current = current if isinstance(current, AskResult) and current.study_id == study["id"] else None
@@ -338,7 +382,7 @@ def conversation(actor, study, view):
     for item in earlier:
         thread_item(actor, item)
     if current is not None:
-        answer_panel(current)
+        answer_panel(actor, current)
         feedback_form(actor, current)
     question_form(actor, study, view)
 
@@ -385,7 +429,7 @@ def feedback_form(actor, result: AskResult):
     stored = attempt(lambda: give_feedback(resources.database(), actor, item))
     if stored is not None:
         st.session_state[f"feedback_done_{result.answer_id}"] = stored.feedback.id
-        st.rerun()
+        rerun_conversation()
 
 
 def page():
