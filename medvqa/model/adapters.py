@@ -9,7 +9,6 @@ adapter was trained on are recorded in PEFT's `revision` field (the base's model
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medvqa.errors import AdapterMismatch, InvalidSettings, ModelError, NotFound
+from medvqa.hashing import file_sha256
 from medvqa.model.loading import MODEL_REF_ATTRIBUTE, LoadedModel
 
 if TYPE_CHECKING:
@@ -99,8 +99,7 @@ def adapter_sha256(folder: Path) -> str:
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise NotFound(f"No {ADAPTER_WEIGHTS} in {folder}; an adapter folder holds {ADAPTER_CONFIG} and it.")
-    with weights.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
+    return file_sha256(weights)
 
 
 def load_adapter(loaded: LoadedModel, folder: Path) -> LoadedModel:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medvqa.errors import ModelBuildError
+from medvqa.hashing import file_sha256
 from medvqa.model.staging import write_folder_atomically
 
 if TYPE_CHECKING:
@@ -47,8 +48,7 @@ def package_sha256(folder: Path) -> str:
     digest = hashlib.sha256()
     for name in PACKAGE_FILES:
         digest.update(name.encode() + b"\0")
-        with (folder / name).open("rb") as stream:
-            digest.update(hashlib.file_digest(stream, "sha256").digest())
+        digest.update(bytes.fromhex(file_sha256(folder / name)))
     return digest.hexdigest()
 
 

@@ -8,14 +8,14 @@ checkpoint, which loads in a second instead of a minute and is what the default 
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from medvqa.errors import ModelBuildError
+from medvqa.hashing import file_sha256
 from medvqa.model.staging import write_folder_atomically
 
 if TYPE_CHECKING:
@@ -66,18 +66,6 @@ def convert_smollm2(target: Path, source: Path | None = None) -> Path:
     return write_folder_atomically(target, lambda staging: _write_checkpoint(source, staging), is_complete_checkpoint)
 
 
-def read_source_record(folder: Path) -> dict[str, Any]:
-    """The provenance json a conversion left in `folder`: source file name, its SHA-256, versions."""
-    record: dict[str, Any] = json.loads((folder / SOURCE_RECORD).read_text(encoding="utf-8"))
-    return record
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file, streamed."""
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _write_checkpoint(source: Path, folder: Path) -> None:
     """Dequantize the GGUF, save model + tokenizer as safetensors into `folder`, then the source record."""
     from transformers import AutoTokenizer
@@ -90,7 +78,7 @@ def _write_checkpoint(source: Path, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
     record = {
         "source_file": source.name,
-        "source_sha256": sha256_of(source),
+        "source_sha256": file_sha256(source),
         "source_package": f"{GGUF_DISTRIBUTION}=={_version(GGUF_DISTRIBUTION)}",
         "transformers": _version("transformers"),
         "dtype": "float32",

@@ -8,7 +8,6 @@ adapter's row in the same transaction as the audit event, so answering refuses a
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from medvqa.config import Settings
 from medvqa.db import Adapter
 from medvqa.db.engine import Database
 from medvqa.errors import InvalidInput
+from medvqa.hashing import file_sha256
 from medvqa.services import audit
 from medvqa.services.access import authorize
 from medvqa.services.audit import Actor
@@ -62,9 +62,8 @@ def check_not_locked(settings: Settings, examples: Sequence[VQAExample], data: P
     from medvqa.training.locked_test import image_pixel_hash, load_locked_test_set
 
     locked = load_locked_test_set(settings.locked_test_set)
-    with data.open("rb") as stream:
-        if hashlib.file_digest(stream, "sha256").hexdigest() == locked.sha256:
-            raise InvalidInput(f"{data} is the locked test set; calibrate on held-out training data, never on it")
+    if file_sha256(data) == locked.sha256:
+        raise InvalidInput(f"{data} is the locked test set; calibrate on held-out training data, never on it")
     pixels: dict[Path, str] = {}
 
     def pair(example: VQAExample) -> tuple[str, str]:

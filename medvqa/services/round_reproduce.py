@@ -18,12 +18,13 @@ from medvqa.config import Settings
 from medvqa.db import Adapter, TrainingRound
 from medvqa.db.engine import Database
 from medvqa.errors import InvalidInput, NotFound
+from medvqa.hashing import file_sha256
 from medvqa.model.adapters import LoraSettings
 from medvqa.services import audit
 from medvqa.services.access import authorize
 from medvqa.services.audit import Actor
 from medvqa.services.transaction import write
-from medvqa.training.provenance import environment, file_sha256
+from medvqa.training.provenance import environment
 from medvqa.training.snapshot import MANIFEST
 from medvqa.training.train import TRAIN_RECORD, TrainSettings, train_adapter
 

@@ -24,6 +24,7 @@ from medvqa.db import Adapter, AdapterStatus, Dataset, TrainingRound
 from medvqa.db.base import utcnow
 from medvqa.db.engine import Database
 from medvqa.errors import InvalidInput, MedVQAError, NotFound
+from medvqa.hashing import file_sha256
 from medvqa.imaging.store import ContentStore
 from medvqa.model.adapters import LoraSettings
 from medvqa.services import audit, promotion
@@ -39,7 +40,7 @@ from medvqa.training.compare import Comparison, GateSettings, compare_reports, c
 from medvqa.training.data import VQAExample, load_vqa_jsonl
 from medvqa.training.locked_test import LockedTestSet, load_locked_test_set
 from medvqa.training.metrics import EvalReport
-from medvqa.training.provenance import code_version, environment, file_sha256, mixed_training_file
+from medvqa.training.provenance import code_version, environment, mixed_training_file
 from medvqa.training.snapshot import Snapshot, check_no_leak, freeze_snapshot
 from medvqa.training.train import TrainSettings, train_adapter
 

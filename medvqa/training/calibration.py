@@ -457,7 +457,7 @@ def fit_calibration(
 ) -> Calibration:
     """Fit per kind from (kind, raw confidence, correct) triples of held-out answers."""
     from medvqa.db.base import utcnow
-    from medvqa.training.provenance import file_sha256
+    from medvqa.hashing import file_sha256
 
     grouped: dict[str, tuple[list[float | None], list[bool]]] = {kind: ([], []) for kind in KINDS}
     for kind, confidence, correct in pairs:

@@ -30,7 +30,6 @@ Run it as `python -m medvqa.training.default_recipe --help` (CPU or one GPU).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import random
@@ -41,7 +40,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medvqa.errors import InvalidInput, ModelBuildError
+from medvqa.errors import InvalidInput, InvalidSettings, ModelBuildError
+from medvqa.hashing import file_sha256
 from medvqa.model.adapters import LoraSettings, attach_lora, save_adapter
 from medvqa.model.default_weights import LORA_FOLDER, RECIPE_RECORD, VISION_WEIGHTS, vision_modules
 from medvqa.model.loading import load_vlm
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RecipeSettings:
-    """The stages' schedules; invalid values raise ValueError before any model is loaded."""
+    """The stages' schedules; invalid values raise InvalidSettings (a ValueError) before any model is loaded."""
 
     pretrain_epochs: float = field(
         default=6.0, metadata={"help": "Stage 0 passes (tower on image-level labels, 8 views per image); 0 skips it."}
@@ -86,12 +86,12 @@ class RecipeSettings:
 
     def __post_init__(self) -> None:
         if self.pretrain_epochs < 0 or self.align_epochs < 0 or not self.vqa_epochs > 0:
-            raise ValueError("pretrain_epochs and align_epochs must be >= 0 and vqa_epochs > 0")
+            raise InvalidSettings("pretrain_epochs and align_epochs must be >= 0 and vqa_epochs > 0")
         if self.attribute_questions not in (0, 1, 2):
-            raise ValueError(f"attribute_questions must be 0, 1 or 2, not {self.attribute_questions!r}")
+            raise InvalidSettings(f"attribute_questions must be 0, 1 or 2, not {self.attribute_questions!r}")
         for name in ("pretrain_lr", "align_lr", "lora_lr", "vision_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
+                raise InvalidSettings(f"{name} must be positive, not {getattr(self, name)!r}")
         LoraSettings(r=self.lora_r, alpha=2 * self.lora_r)  # validates the rank
         TrainSettings(batch_size=self.batch_size, seed=self.seed, warmup_ratio=self.warmup_ratio)
 
@@ -194,7 +194,7 @@ def train_default_weights(
         "base_model_ref": loaded.model_ref,
         "text_source": _text_source(base),
         "data_file": data.name,
-        "data_sha256": _sha256(data),
+        "data_sha256": file_sha256(data),
         "train_examples": len(train),
         "moved_attribute_questions": len(moved),
         "validation_examples": len(validation),
@@ -322,11 +322,6 @@ def _text_source(base: Path) -> Any:
 
     record = base / BUILD_RECORD
     return json.loads(record.read_text(encoding="utf-8")).get("text_source") if record.is_file() else None
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def _versions() -> dict[str, str]:

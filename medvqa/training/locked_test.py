@@ -9,12 +9,12 @@ is weaker: another image of the same patient is not caught.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from medvqa.errors import ImportRefused, InvalidInput
+from medvqa.hashing import file_sha256
 from medvqa.training.data import VQAExample, load_vqa_jsonl
 
 _MAX_PIXELS = 300_000_000
@@ -41,8 +41,7 @@ def load_locked_test_set(path: Path | None) -> LockedTestSet:
             "trained on (for example VQA-RAD's test.jsonl)"
         )
     examples = load_vqa_jsonl(path)
-    with Path(path).open("rb") as stream:
-        digest = hashlib.file_digest(stream, "sha256").hexdigest()
+    digest = file_sha256(path)
     patients = {str(json.loads(line)["patient"]) for line in _lines(path) if "patient" in json.loads(line)}
     hashes = {image_pixel_hash(image) for image in sorted({e.image_path for e in examples})}
     return LockedTestSet(Path(path), digest, examples, frozenset(patients), frozenset(hashes))

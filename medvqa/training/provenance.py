@@ -18,11 +18,6 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 _SOURCE_PACKAGES = ("medvqa", "compliance")
 
 
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
-
-
 def source_sha256(root: Path = REPOSITORY) -> str:
     """SHA-256 over the Python sources of medvqa and compliance (path and content, sorted): the code that ran,
     whether or not it was committed."""

@@ -9,7 +9,6 @@ the library versions. On GPUs, run it under accelerate: `accelerate launch --no_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medvqa.errors import InvalidSettings
+from medvqa.hashing import file_sha256
 from medvqa.model.adapters import LoraSettings, attach_lora, save_adapter
 from medvqa.model.loading import load_vlm
 from medvqa.model.prompts import DEFAULT_PROMPT_VERSION, load_prompt
@@ -257,8 +257,7 @@ def _write_record(
     import torch
     import transformers
 
-    with data.open("rb") as stream:
-        data_sha256 = hashlib.file_digest(stream, "sha256").hexdigest()
+    data_sha256 = file_sha256(data)
     record = {
         "base_model_ref": model_ref,
         "data_file": str(data),

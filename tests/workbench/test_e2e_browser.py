@@ -187,6 +187,10 @@ def test_demo_sign_in_ask_and_rate_in_a_real_browser(db, server, browser):
     click(wait, "//label[normalize-space(.)='Partly correct']")
     click(wait, button("Submit rating"))
     wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Your rating is recorded')]")))
+    settle(wait)
+    click(wait, "//label[normalize-space(.)='Where the model looked']")  # the heatmap, after its sanity checks
+    wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'where the model looked (brighter')]")))
+    settle(wait)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "workbench-ask-and-rate.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

@@ -268,9 +268,9 @@ def answer_panel(actor, result: AskResult):
         else:
             st.caption("no confidence available")
         left, right = st.columns([1, 2])
-        left.image(result.image, caption="the exact image the model saw", width="stretch")
+        left.image(encoded(result.answer_id, result.image), caption="the exact image the model saw", width="stretch")
         with left.popover("Enlarge"):
-            st.image(result.image, width=384)
+            st.image(encoded(result.answer_id, result.image), width=384)
         right.caption(provenance_line(result.model_ref, result.adapter_ref, result.calibration is not None))
         with right.expander("Full provenance (hashes, image selection, decoding)"):
             st.json(result.provenance())
@@ -314,8 +314,21 @@ def thread_item(actor, item):
         image = _replayed(actor, item["answer_id"])
         if image is not None:
             with st.popover("The image the model saw"):
-                st.image(image, width=384)
+                st.image(encoded(item["answer_id"], image), width=384)
             heatmap_view(actor, item["answer_id"], image)
+
+
+def encoded(answer_id, image):
+    """The image as PNG bytes, encoded once per session: the thread is drawn again at every question, and
+    encoding twenty images each time would be most of what a clinician waits for after the model."""
+    import io
+
+    cache = st.session_state.setdefault("encoded_images", {})
+    if answer_id not in cache:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        cache[answer_id] = buffer.getvalue()
+    return cache[answer_id]
 
 
 def heatmap_view(actor, answer_id, image):
