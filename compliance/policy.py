@@ -57,6 +57,8 @@ class Action(enum.StrEnum):
     REVIEW_SIGN = "answer:review:sign"
     DATASET_SNAPSHOT = "training:dataset:snapshot"
     ROUND_RUN = "training:round:run"
+    ROUND_JOB_START = "training:round:start"
+    ROUND_JOB_CANCEL = "training:round:cancel"
     ADAPTER_READ = "model:adapter:read"
     MODEL_CALIBRATE = "model:calibration:fit"
     MODEL_VALIDATE = "model:validation:sign"
@@ -101,6 +103,8 @@ POLICY: dict[Action, frozenset[Role]] = {
     Action.REVIEW_SIGN: frozenset({_R}),
     Action.DATASET_SNAPSHOT: frozenset({_M}),
     Action.ROUND_RUN: frozenset({_M}),
+    Action.ROUND_JOB_START: frozenset({_M}),  # from the Models page: a background process runs the round
+    Action.ROUND_JOB_CANCEL: frozenset({_M}),
     Action.ADAPTER_READ: frozenset({_M, _ADM}),
     Action.MODEL_CALIBRATE: frozenset({_M}),  # confidences and abstention thresholds clinicians see
     Action.MODEL_VALIDATE: frozenset({_ADM}),  # a signed statement; the banner then says validated

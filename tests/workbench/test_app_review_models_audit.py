@@ -184,3 +184,48 @@ def test_a_reviewer_opens_the_whole_study_from_a_queue_item(db, app_env, ct_stud
     assert app.selectbox(key="study_id").value == ct_study[0]  # the Ask page, on the answer's study
     assert app.slider(key=f"slice_{ct_study[1]}").max == 2  # every slice of the series, not only the one asked about
     assert "Is it normal?" in [element.value for element in app.text]  # its conversation comes with it
+
+
+def test_an_ml_engineer_starts_a_round_from_the_models_page_and_reads_how_it_ended(db, app_env):
+    """No locked test set is configured here, so the round's own process refuses: the page shows the job as it
+    runs, then how it ended, and offers to start again; nothing about the job lives in the browser session."""
+    import time
+
+    from medvqa.services.round_jobs import RUNNING, latest_job
+
+    engineer = factories.make_user(db, "ml_engineer")
+    app = signed_in(engineer).run()
+    assert any("0 reviewed answers usable for training" in caption.value for caption in app.caption)
+    assert any("No round has been run yet" in caption.value for caption in app.caption)
+    app.number_input(key="r_steps").set_value(2)
+    by_label(app, "Start a round").click().run()
+    assert not app.exception and not errors(app)
+    from medvqa.config import load_settings
+
+    deadline = time.monotonic() + 120
+    while latest_job(db, engineer, load_settings()).state == RUNNING and time.monotonic() < deadline:
+        time.sleep(0.5)
+    later = signed_in(engineer).run()  # a new browser session: the job is read from disk
+    [warning] = [w.value for w in later.warning if "The last round job" in w.value]
+    assert "failed" in warning and "MEDVQA_LOCKED_TEST_SET" in warning
+    assert any(button.label == "Start a round" for button in later.button)
+    with db.read_session() as session:
+        started = session.scalars(select(AuditEvent).where(AuditEvent.action == "training:round:start")).all()
+    assert [event.actor_name for event in started] == [engineer.name]
+
+
+def test_a_running_round_shows_its_progress_and_log_and_can_be_cancelled(db, app_env, monkeypatch):
+    from medvqa.config import load_settings
+    from medvqa.services import round_jobs
+
+    engineer = factories.make_user(db, "ml_engineer")
+    settings = load_settings()
+    job = round_jobs.start_round_job(db, engineer, settings, round_jobs.JobOptions(max_steps=2))
+    (round_jobs.jobs_dir(settings) / job.name / "log.txt").write_text("Training:  40%|####      | 2/5 [00:01<00:02]\n")
+    monkeypatch.setattr(round_jobs, "process_running", lambda pid: True)  # as if still training
+    app = signed_in(engineer).run()
+    assert any(f"Round job {job.name}" in info.value for info in app.info)
+    assert app.get("progress")[0].proto.value == 40
+    assert any("2/5" in code.value for code in app.code)
+    by_label(app, "Cancel the round").click().run()
+    assert not app.exception and round_jobs.latest_job(db, engineer, settings).state == "cancelled"

@@ -14,6 +14,15 @@ import streamlit as st
 from compliance.policy import Action
 from medvqa.services.model_status import live_model_status
 from medvqa.services.promotion import approve_promotion, compare_metrics, list_adapters, request_promotion, rollback
+from medvqa.services.round_jobs import (
+    RUNNING,
+    JobOptions,
+    cancel_round_job,
+    latest_job,
+    round_readiness,
+    start_round_job,
+)
+from medvqa.services.rounds import list_rounds
 from medvqa.services.validation import (
     VALIDATION_MEANINGS,
     list_validations,
@@ -139,12 +148,95 @@ def validation_section(actor) -> None:
                 perform(lambda: revoke_validation(db, actor, chosen, reason), f"Validation {chosen} revoked.")
 
 
+def rounds_section(actor) -> None:
+    """Run the loop from here: how many reviewed answers wait, a round started as a background process (one at
+    a time; it survives a refresh), its progress, log and cancel, then its gate verdict; the rounds over time."""
+    st.subheader("Fine-tuning rounds")
+    db, settings = resources.database(), resources.settings()
+    ready = attempt(lambda: round_readiness(db, actor, settings))
+    if ready is not None:
+        since = "" if ready.last_round_id is None else f", {ready.since_last_round} since round {ready.last_round_id}"
+        enough = "enough for a round" if ready.usable >= ready.min_examples else "not yet enough for a round"
+        st.caption(
+            f"{ready.usable} reviewed answers usable for training{since}; a round needs {ready.min_examples} "
+            f"(MEDVQA_ROUND_MIN_EXAMPLES): {enough}."
+        )
+    job = attempt(lambda: latest_job(db, actor, settings))
+    if job is not None and job.state == RUNNING:
+        running_job(actor, job.name)
+    else:
+        if job is not None:
+            finished_job(job)
+        if actor.role == "ml_engineer":
+            start_form(actor)
+    history_chart(actor)
+
+
+def start_form(actor) -> None:
+    with st.form("start_round"):
+        left, middle, right = st.columns(3)
+        epochs = left.number_input("Epochs", min_value=0.1, value=1.0, step=0.5, key="r_epochs")
+        max_steps = middle.number_input("Max steps (-1: use epochs)", min_value=-1, value=-1, step=1, key="r_steps")
+        since = right.number_input("Only answers decided after round (0: all)", min_value=0, value=0, key="r_since")
+        started = st.form_submit_button("Start a round")
+    if started:
+        options = JobOptions(float(epochs), int(max_steps), int(since) or None)
+        db, settings = resources.database(), resources.settings()
+        perform(lambda: start_round_job(db, actor, settings, options), "The round started in the background.")
+
+
+@st.fragment(run_every=3)
+def running_job(actor, name: str) -> None:
+    """The running job, read again every three seconds; when it ends, the whole page shows the outcome."""
+    job = attempt(lambda: latest_job(resources.database(), actor, resources.settings()))
+    if job is None or job.name != name or job.state != RUNNING:
+        st.rerun()
+    st.info(f"Round job {job.name} started by {job.started_by} at {job.started_at} is running.")
+    progress = job.progress if job.progress is not None else 0.0
+    st.progress(progress, text="training" if job.progress is not None else "preparing the data snapshot and model")
+    st.code(job.log_tail or "(no output yet)", language=None)
+    if actor.role == "ml_engineer" and st.button("Cancel the round", key="r_cancel"):
+        db, settings = resources.database(), resources.settings()
+        perform(lambda: cancel_round_job(db, actor, settings, name), f"Round job {name} cancelled.")
+
+
+def finished_job(job) -> None:
+    if job.state == "finished":
+        verdict = "passed the gate" if job.gate_passed else "did not pass the gate"
+        st.success(
+            f"The last round job ({job.name}, {job.started_by}) made round {job.round_id}, which {verdict}; its "
+            "candidate adapter is in the table below, with its comparison against the live one."
+        )
+    else:
+        st.warning(f"The last round job ({job.name}, {job.started_by}) {job.state}: {job.error or 'no reason given'}")
+    with st.expander("Its log"):
+        st.code(job.log_tail or "(no output)", language=None)
+
+
+def history_chart(actor) -> None:
+    rounds = attempt(lambda: list_rounds(resources.database(), actor)) or []
+    points = [
+        {"round": r["id"], "adapter": side, "locked-test accuracy": r["test_overall"][side]}
+        for r in reversed(rounds)
+        for side in ("live", "candidate")
+        if r["test_overall"].get(side) is not None
+    ]
+    if not points:
+        st.caption("No round has been run yet: the history chart appears after the first.")
+        return
+    st.caption("Locked-test accuracy per round: the candidate against the adapter live when it ran")
+    st.line_chart(pd.DataFrame(points), x="round", y="locked-test accuracy", color="adapter")
+    gates = [{"round": r["id"], "gate": "passed" if r["gate"].get("passed") else "failed"} for r in rounds]
+    st.dataframe(gates, hide_index=True)
+
+
 def page() -> None:
     actor = require(Action.ADAPTER_READ)
     st.title("Models and rounds")
     show_notice()
     calibration_section(attempt(lambda: live_model_status(resources.database(), resources.settings())))
     validation_section(actor)
+    rounds_section(actor)
     adapters = attempt(lambda: list_adapters(resources.database(), actor)) or []
     if not adapters:
         st.info("No adapters yet: a fine-tuning round registers its adapter here as a candidate.")
