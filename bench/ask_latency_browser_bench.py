@@ -143,7 +143,7 @@ def ask_all(url: str, questions: list[str]) -> list[dict[str, float]]:
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = browser()
-    wait = WebDriverWait(driver, 300)
+    wait = WebDriverWait(driver, 120)
     stamps = []
     try:
         driver.get(url)
@@ -166,6 +166,11 @@ def ask_all(url: str, questions: list[str]) -> list[dict[str, float]]:
             print(
                 f"  {number:>2}/{len(questions)}  first {stamps[-1]['first']:.0f} ms  whole {stamps[-1]['done']:.0f} ms"
             )
+    except Exception:
+        shot = Path(tempfile.gettempdir()) / "ask-latency-bench-failure.png"
+        driver.save_screenshot(str(shot))
+        print(f"stopped; the page as it was: {shot}", flush=True)
+        raise
     finally:
         driver.quit()
     return stamps
