@@ -9,7 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from medvqa.cli_rounds import rounds
+from medvqa.cli.rounds import rounds
 from medvqa.config import load_settings
 from medvqa.services.ask import live_adapter_id
 from tests import factories

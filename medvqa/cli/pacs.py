@@ -1,6 +1,6 @@
 """`medvqa pacs find|retrieve` (DICOMweb, or DIMSE with --dimse) and `medvqa listen` (a C-STORE listener).
 
-Registered on the main command in medvqa/cli.py. `pacs` acts as the named account with `--user` (a clinician or
+Registered on the main command in medvqa/cli/__init__.py. `pacs` acts as the named account with `--user` (a clinician or
 reviewer, password from a prompt or the first line of stdin), else as the operator; `listen` as the operator.
 """
 
@@ -11,19 +11,14 @@ from typing import Any
 
 import click
 
-from medvqa.cli_support import OneLineErrorGroup, study_line
-from medvqa.cli_support import emit as _emit
-from medvqa.cli_support import json_option as _json_option
-from medvqa.cli_support import open_database as _open_database
-from medvqa.cli_support import operator as _operator
-from medvqa.cli_support import signed_in as _signed_in
+from medvqa.cli.support import OneLineErrorGroup, study_line, user_option
+from medvqa.cli.support import emit as _emit
+from medvqa.cli.support import json_option as _json_option
+from medvqa.cli.support import open_database as _open_database
+from medvqa.cli.support import operator as _operator
+from medvqa.cli.support import signed_in as _signed_in
 
-_user_option = click.option(
-    "--user",
-    "username",
-    envvar="MEDVQA_USER",
-    help="Account that acts (clinician or reviewer); password from a prompt or stdin. Default: the operator.",
-)
+_user_option = user_option("a clinician or reviewer", required=False)
 _dimse_option = click.option(
     "--dimse", is_flag=True, help="Use the DIMSE PACS (MEDVQA_DIMSE_PACS: C-FIND, C-GET) instead of DICOMweb."
 )
@@ -146,7 +141,7 @@ def listen_command(port: int | None, ae_title: str | None) -> None:
     import signal
     import threading
 
-    from medvqa.cli_support import fail
+    from medvqa.cli.support import fail
     from medvqa.config import load_settings
     from medvqa.errors import MedVQAError
     from medvqa.services.listener import listen

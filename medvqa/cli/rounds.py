@@ -1,7 +1,7 @@
 """`medvqa rounds`: run a fine-tuning round, list rounds, compare a candidate with the live adapter, promote
 (an ML engineer requests, an admin approves), roll back, and rerun a round from its record.
 
-Registered on the main command in medvqa/cli.py (`main.add_command(rounds)`). Running, promoting and rolling
+Registered on the main command in medvqa/cli/__init__.py. Running, promoting and rolling
 back act as a named account (`--user` or MEDVQA_USER, password from a prompt or the first line of stdin), since
 the audit trail and the two-person rule need to know who; listing and comparing act as the operator.
 """
@@ -14,24 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from medvqa.cli_support import OneLineErrorGroup, training_options
-from medvqa.cli_support import emit as _emit
-from medvqa.cli_support import json_option as _json_option
-from medvqa.cli_support import open_database as _open_database
-from medvqa.cli_support import operator as _operator
-from medvqa.cli_support import signed_in as _signed_in
+from medvqa.cli.support import OneLineErrorGroup, training_options, user_option
+from medvqa.cli.support import emit as _emit
+from medvqa.cli.support import json_option as _json_option
+from medvqa.cli.support import open_database as _open_database
+from medvqa.cli.support import operator as _operator
+from medvqa.cli.support import signed_in as _signed_in
 
 if TYPE_CHECKING:
     from medvqa.model.adapters import LoraSettings
     from medvqa.training.train import TrainSettings
 
-_user_option = click.option(
-    "--user",
-    "username",
-    required=True,
-    envvar="MEDVQA_USER",
-    help="Account that acts (ml_engineer or admin); password from a prompt or stdin. Env: MEDVQA_USER.",
-)
+_user_option = user_option("an ml_engineer or admin")
 
 
 @click.group(cls=OneLineErrorGroup)

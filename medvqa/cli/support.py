@@ -1,7 +1,7 @@
 """What every `medvqa` command group shares: one-line errors, output, the database, and who is acting.
 
-Kept apart from medvqa/cli.py so that command groups in their own modules (cli_rounds.py) use the same pieces
-without importing the main command (which registers them).
+Every command module of medvqa/cli/ uses these; none imports the main command (medvqa/cli/__init__.py), which
+registers them all.
 """
 
 from __future__ import annotations
@@ -132,17 +132,35 @@ def operator() -> Actor:
     return Actor(name=f"cli:{getpass.getuser()}", role="admin")
 
 
+def read_password(prompt: str, *, confirm: bool = False) -> str:
+    """A password from a hidden prompt (typed twice when `confirm`), or the first line of standard input when
+    that is not a terminal; never from the command line."""
+    if sys.stdin.isatty():
+        return str(click.prompt(prompt, hide_input=True, confirmation_prompt=confirm))
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise MedVQAError("no password on standard input (give it on the first line)")
+    return password
+
+
+def user_option(who: str, *, required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The `--user` option of commands that act as a named account (`username` argument, MEDVQA_USER)."""
+    default = "" if required else " Default: the operator."
+    return click.option(
+        "--user",
+        "username",
+        required=required,
+        envvar="MEDVQA_USER",
+        help=f"Account that acts ({who}); password from a prompt or stdin. Env: MEDVQA_USER.{default}",
+    )
+
+
 def signed_in(database: Database, username: str) -> Actor:
     """The named account, after its password (prompt, or the first line of standard input) matches."""
     from medvqa.config import load_settings
     from medvqa.services.users import LOCAL_SOURCE, ThrottleSettings, authenticate
 
-    if sys.stdin.isatty():
-        password = str(click.prompt(f"Password for {username}", hide_input=True))
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        raise MedVQAError("no password on standard input (give it on the first line)")
+    password = read_password(f"Password for {username}")
     return authenticate(database, username, password, LOCAL_SOURCE, ThrottleSettings.from_settings(load_settings()))
 
 
