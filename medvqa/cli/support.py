@@ -16,20 +16,50 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from medvqa.errors import MedVQAError
+from medvqa.model.adapters import LoraSettings  # light: torch and PEFT load inside their functions
+from medvqa.training.train import TrainSettings
 
 if TYPE_CHECKING:
     from medvqa.services.audit import Actor
     from medvqa.services.database import Database
 
+
+def _default(settings: Any, name: str) -> Any:
+    """A settings dataclass's own default: declared once, there, and shown by --help from it."""
+    return settings.__dataclass_fields__[name].default
+
+
 # How to train: the options `medvqa train` and `medvqa rounds run` share, in --help order.
 _TRAINING_OPTIONS = (
-    click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True),
-    click.option("--max-steps", type=int, default=-1, show_default=True, help="Optimizer steps; -1: use --epochs."),
-    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True),
-    click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
-    click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
     click.option(
-        "--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = 2 x rank)."
+        "--epochs",
+        type=click.FloatRange(min=0, min_open=True),
+        default=_default(TrainSettings, "epochs"),
+        show_default=True,
+    ),
+    click.option(
+        "--max-steps",
+        type=int,
+        default=_default(TrainSettings, "max_steps"),
+        show_default=True,
+        help="Optimizer steps; -1: use --epochs.",
+    ),
+    click.option(
+        "--lr",
+        type=click.FloatRange(min=0, min_open=True),
+        default=_default(TrainSettings, "learning_rate"),
+        show_default=True,
+    ),
+    click.option(
+        "--batch-size", type=click.IntRange(min=1), default=_default(TrainSettings, "batch_size"), show_default=True
+    ),
+    click.option("--seed", type=click.IntRange(min=0), default=_default(TrainSettings, "seed"), show_default=True),
+    click.option(
+        "--rank",
+        type=click.IntRange(min=1),
+        default=_default(LoraSettings, "r"),
+        show_default=True,
+        help="LoRA rank (alpha = 2 x rank).",
     ),
     click.option(
         "--gradient-checkpointing", is_flag=True, help="Trade about 30% speed for activation memory (7B bases)."
@@ -93,9 +123,6 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
         train_vision: bool = False,
         **kwargs: Any,
     ) -> Any:
-        from medvqa.model.adapters import LoraSettings
-        from medvqa.training.train import TrainSettings
-
         try:
             settings = TrainSettings(
                 epochs=epochs,

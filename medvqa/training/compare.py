@@ -14,15 +14,13 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from medvqa.config import Settings
 from medvqa.errors import InvalidInput, InvalidSettings
 from medvqa.training.metrics import EvalReport, ExampleScore
-
-if TYPE_CHECKING:
-    from medvqa.config import Settings
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -34,9 +32,10 @@ _EPSILON = 1e-9  # float slack when comparing a drop with its allowance
 class GateSettings:
     """What a candidate may not do on the locked test set, in fractions of accuracy (0.02 = 2 points)."""
 
-    max_overall_drop: float = 0.0
-    max_subgroup_drop: float = 0.02
-    min_subgroup_questions: int = 10  # smaller subgroups are shown but too noisy to gate on
+    # The defaults are the settings' own (MEDVQA_ROUND_GATE_*), declared once in medvqa/config.py.
+    max_overall_drop: float = Settings.model_fields["round_gate_max_overall_drop"].default
+    max_subgroup_drop: float = Settings.model_fields["round_gate_max_subgroup_drop"].default
+    min_subgroup_questions: int = Settings.model_fields["round_gate_min_subgroup_questions"].default
 
     def __post_init__(self) -> None:
         if not (0 <= self.max_overall_drop <= 1 and 0 <= self.max_subgroup_drop <= 1):
