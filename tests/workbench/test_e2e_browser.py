@@ -119,6 +119,23 @@ def click(wait, xpath):
     wait.until(clicked)
 
 
+def type_into(wait, css, *keys):
+    """Type into the input at `css` once it is there; a rerun that replaces the input meanwhile (a stale element)
+    makes it find the new one and type again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    def typed(driver):
+        try:
+            ec.presence_of_element_located((By.CSS_SELECTOR, css))(driver).send_keys(*keys)
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    wait.until(typed)
+
+
 def settle(wait):
     """Wait until the app has finished its rerun (Streamlit shows its status widget while a script runs)."""
     from selenium.webdriver.common.by import By
@@ -174,8 +191,8 @@ def test_demo_sign_in_ask_and_rate_in_a_real_browser(db, server, browser):
     wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), '4 of 4 studies')]")))
     choose(browser, wait, "Modality", "MR")  # the demo study of synpic1, an MRI by its training questions
     wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), '1 of 4 studies')]")))
-    question = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[aria-label='Question']")))
-    question.send_keys("Is there a fracture?", Keys.TAB)
+    settle(wait)
+    type_into(wait, "input[aria-label='Question']", "Is there a fracture?", Keys.TAB)
     settle(wait)  # the rerun that commits the question
     click(wait, button("Ask"))
     wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'the exact image the model saw')]")))
