@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from medvqa.config import Settings
     from medvqa.db.engine import Database
+    from medvqa.model.loading import LoadedModel
     from medvqa.model.saliency import SaliencyMap, SanityCheck
     from medvqa.services.ask import ServingModel
 
@@ -49,21 +50,31 @@ class Heatmap:
 
     @property
     def trusted(self) -> bool:
-        """Shown only when the model passed at least one of the sanity checks."""
-        return bool(self.checks.get("passes_model_randomisation") or self.checks.get("passes_data_check"))
+        return shown(self.checks)
 
     def overlay(self, image: Image, opacity: float) -> Image:
         return self.saliency.overlay(image, opacity)
 
 
+def shown(checks: dict[str, Any]) -> bool:
+    """A map is shown only when its model passed at least one of the sanity checks."""
+    return bool(checks.get("passes_model_randomisation") or checks.get("passes_data_check"))
+
+
+def _in_process(model: ServingModel) -> LoadedModel:
+    """The serving model's in-process weights; a vLLM server exposes no gradients, so no heatmap."""
+    from medvqa.model.loading import LoadedModel
+
+    if not isinstance(model.loaded, LoadedModel):
+        raise ModelError("heatmaps need the in-process model (MEDVQA_MODEL_BACKEND=transformers); vLLM has none")
+    return model.loaded
+
+
 def model_checks(model: ServingModel) -> SanityCheck:
     """Adebayo et al.'s sanity checks for the serving model (and adapter), run once and kept."""
-    from medvqa.model.loading import LoadedModel
     from medvqa.model.saliency import sanity_check
 
-    loaded = model.loaded
-    if not isinstance(loaded, LoadedModel):
-        raise ModelError("heatmaps need the in-process model (MEDVQA_MODEL_BACKEND=transformers); vLLM has none")
+    loaded = _in_process(model)
     key = (loaded.model_ref, loaded.adapter_ref)
     with _checks_lock:
         if key not in _checks:
@@ -89,7 +100,6 @@ def answer_heatmap(db: Database, actor: Actor, settings: Settings, model: Servin
     """The heatmap of answer `answer_id`: the stored one, or made now by `model`, which must be the model and
     adapter that gave the answer, and which must reproduce the answer on the recorded image."""
     from medvqa.model.generation import answer
-    from medvqa.model.loading import LoadedModel
     from medvqa.model.saliency import saliency
     from medvqa.services.ask import replay_model_input
 
@@ -106,9 +116,7 @@ def answer_heatmap(db: Database, actor: Actor, settings: Settings, model: Servin
     if found is None:
         raise NotFound(f"answer {answer_id} does not exist")
     row, question = found
-    loaded = model.loaded
-    if not isinstance(loaded, LoadedModel):
-        raise ModelError("heatmaps need the in-process model (MEDVQA_MODEL_BACKEND=transformers); vLLM has none")
+    loaded = _in_process(model)
     if (row.model_ref, row.adapter_ref) != (loaded.model_ref, loaded.adapter_ref):
         raise InvalidInput(
             f"answer {answer_id} came from {row.model_ref} with adapter {(row.adapter_ref or 'none')[:12]}; the "
@@ -147,8 +155,7 @@ def _store(db: Database, actor: Actor, answer_id: int, found: SaliencyMap, check
         )
         session.add(row)
         session.flush()
-        details = {"sha256": digest, "method": found.method, "shown": bool(checks.get("passes_model_randomisation"))}
-        details["shown"] = details["shown"] or bool(checks.get("passes_data_check"))
+        details = {"sha256": digest, "method": found.method, "shown": shown(checks)}
         audit.record(session, actor, Action.HEATMAP_CREATE, "answer", answer_id, details=details)
         return Heatmap(answer_id, found, digest, checks, True)
 
